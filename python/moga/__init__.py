@@ -1,0 +1,23 @@
+"""moga: kernels for Mixture-of-Groups Attention (MoGA, arXiv 2510.18692).
+
+Functional API (layout ``(batch, seqlen, heads, headdim)`` as in flash-attention):
+
+* :func:`group_attention`: attention inside groups given by integer ids;
+* :func:`moga_attention`: routed, gated group attention from router logits;
+* :func:`group_balance_loss`, :class:`MoGARouter`, :func:`route_tokens`: the router side.
+"""
+
+from moga.backends import available_backends
+from moga.functional import group_attention, moga_attention
+from moga.router import MoGARouter, group_balance_loss, route_tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoGARouter",
+    "available_backends",
+    "group_attention",
+    "group_balance_loss",
+    "moga_attention",
+    "route_tokens",
+]

@@ -1,0 +1,75 @@
+"""Backend registry.
+
+A backend is a module ``moga.backends.<name>_backend`` with:
+
+* ``is_available() -> bool``: whether this installation can run it at all;
+* ``unsupported_reason(q, k, v) -> str | None``: why it cannot run these (flattened (T, H, D)) inputs, from
+  host metadata only (device, dtype, head dim), or None when it can;
+* ``segment_attention(q, k, v, layout, softmax_scale) -> Tensor``: the differentiable segment-attention
+  primitive (see :mod:`moga.layout`): q (T, Hq, D), k and v (T, Hkv, D) ->
+  out (Lq, Hq, D) in segment order, zero rows for positions outside every segment.
+
+``"auto"`` picks the first runnable of ``AUTO_ORDER[device type]``. An explicitly named backend that cannot
+run the inputs raises; there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+BACKEND_NAMES = ("cuda", "triton", "cpu", "torch", "flash_attn", "xformers")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+_MODULES = {
+    "cuda": "moga.backends.cuda_backend",
+    "triton": "moga.backends.triton_backend",
+    "cpu": "moga.backends.cpu_backend",
+    "torch": "moga.backends.torch_backend",
+    "flash_attn": "moga.backends.flash_attn_backend",
+    "xformers": "moga.backends.xformers_backend",
+}
+
+
+def get_backend(name: str) -> ModuleType | None:
+    """The backend module, or None when its module is missing or cannot import."""
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError:
+        return None
+
+
+def available_backends() -> list[str]:
+    """Backends this installation can run (on some device), in preference order."""
+    names = []
+    for name in BACKEND_NAMES:
+        mod = get_backend(name)
+        if mod is not None and mod.is_available():
+            names.append(name)
+    return names
+
+
+def select_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ModuleType:
+    """Resolve ``backend`` ("auto" or a name) for these inputs, or raise ValueError saying why not."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _MODULES):
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    if backend == "auto":
+        reasons = []
+        for name in AUTO_ORDER.get(q.device.type, ("torch",)):
+            mod = get_backend(name)
+            if mod is None or not mod.is_available():
+                continue
+            reason = mod.unsupported_reason(q, k, v)
+            if reason is None:
+                return mod
+            reasons.append(f"{name}: {reason}")
+        raise ValueError(f"no backend can run these inputs: {'; '.join(reasons) or 'none available'}")
+    mod = get_backend(backend)
+    if mod is None or not mod.is_available():
+        raise ValueError(f"backend {backend!r} is not available in this installation ({available_backends()=})")
+    reason = mod.unsupported_reason(q, k, v)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} cannot run these inputs: {reason}")
+    return mod

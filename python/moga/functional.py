@@ -1,0 +1,129 @@
+"""Public functional API: group attention and MoGA (routed, gated group attention)."""
+
+from __future__ import annotations
+
+import torch
+
+from moga._checks import (
+    check_group_ids,
+    check_qkv,
+    check_router_logits,
+    check_top_k,
+    softmax_scale_or_default,
+)
+from moga.backends import select_backend
+from moga.layout import RoutedLayout, routed_layout
+from moga.router import route_tokens
+
+
+def _dense_group_ids(group_ids: torch.Tensor, num_groups: int | None) -> tuple[torch.Tensor, int]:
+    """Map arbitrary non-negative ids to [0, G); negative ids stay -1."""
+    ids = group_ids.long()
+    if num_groups is not None:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        in_range = (ids < num_groups).all()
+        if ids.device.type == "cpu":
+            if not bool(in_range):
+                raise ValueError(f"group_ids must be < num_groups={num_groups}, got max {int(ids.max())}")
+        else:  # checked on the device, without a host synchronisation
+            torch._assert_async(in_range, "moga: group_ids must be < num_groups")
+        return torch.where(ids < 0, torch.full_like(ids, -1), ids), num_groups
+    # Arbitrary ids: compact them. torch.unique reads its output size back to the host (one sync);
+    # pass num_groups to avoid it.
+    valid = ids >= 0
+    uniq, inverse = torch.unique(torch.where(valid, ids, torch.full_like(ids, -1)), return_inverse=True)
+    has_padding = uniq.numel() > 0 and bool(uniq[0] < 0)
+    dense = inverse - int(has_padding)
+    return torch.where(valid, dense, torch.full_like(dense, -1)), max(uniq.numel() - int(has_padding), 1)
+
+
+def _run_segments(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    routed: RoutedLayout,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """Segment attention over flattened tokens; returns per-entry outputs (T, top_k, Hq, D)."""
+    B, N, Hq, D = q.shape
+    qf, kf, vf = q.reshape(B * N, Hq, D), k.reshape(B * N, k.shape[2], D), v.reshape(B * N, v.shape[2], D)
+    impl = select_backend(backend, qf, kf, vf)
+    out_seg = impl.segment_attention(qf, kf, vf, routed.segments, scale)  # (T * top_k, Hq, D)
+    return out_seg[routed.position].view(B * N, routed.top_k, Hq, D)
+
+
+def group_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    num_groups: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention inside groups of tokens.
+
+    Query token i of batch row b attends to exactly the keys j of row b with
+    ``group_ids[b, j] == group_ids[b, i]``. Ids need not be dense or sorted; a negative id marks padding:
+    that query's output is 0 and that key is never attended.
+
+    Args:
+        q: (B, N, Hq, D). k, v: (B, N, Hkv, D), Hq a multiple of Hkv (query head h uses kv head
+            h // (Hq // Hkv)).
+        group_ids: (B, N) integer, shared by all heads.
+        softmax_scale: defaults to D ** -0.5.
+        num_groups: if given, ids must lie in [-inf, num_groups) and the call never synchronises with the
+            GPU; if None, ids are compacted with ``torch.unique`` (one host synchronisation).
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (see :func:`moga.available_backends`).
+
+    Returns: (B, N, Hq, D), dtype of q. Differentiable in q, k and v.
+    """
+    B, N, _, _, D = check_qkv(q, k, v)
+    check_group_ids(group_ids, B, N, q.device)
+    scale = softmax_scale_or_default(softmax_scale, D)
+    dense, G = _dense_group_ids(group_ids, num_groups)
+    routed = routed_layout(dense.view(B, N, 1), G)
+    return _run_segments(q, k, v, routed, scale, backend)[:, 0].view(q.shape)
+
+
+def moga_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    router_logits: torch.Tensor,
+    *,
+    top_k: int = 1,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mixture-of-Groups attention (paper Eq. 5, generalised to top_k groups per token).
+
+    p = softmax(router_logits). Each token belongs, as query and as key, to its ``top_k`` most probable
+    groups (ties go to the lower group index), and
+    ``out[b, i] = sum over groups m of token i of p[b, i, m] * Attn_m(q_i)``, Attn_m being attention over
+    the keys of row b in group m. With ``top_k=1`` this is MoGA(x) = p(g(x)|x) * Attention within g(x);
+    with M = 1 it is dense attention.
+
+    Args:
+        q: (B, N, Hq, D). k, v: (B, N, Hkv, D).
+        router_logits: (B, N, M) float, one routing per token shared by all heads.
+        top_k: groups per token, in [1, M].
+        softmax_scale: defaults to D ** -0.5.
+        backend: see :func:`group_attention`.
+
+    Returns: (B, N, Hq, D), dtype of q. Differentiable in q, k, v and router_logits (through the gate p).
+    Never synchronises with the GPU.
+    """
+    B, N, _, _, D = check_qkv(q, k, v)
+    M = check_router_logits(router_logits, B, N, q.device)
+    check_top_k(top_k, M)
+    scale = softmax_scale_or_default(softmax_scale, D)
+    _, groups, gates = route_tokens(router_logits, top_k)
+    routed = routed_layout(groups, M)
+    per_entry = _run_segments(q, k, v, routed, scale, backend)  # (T, K, Hq, D)
+    gates = gates.reshape(B * N, top_k, 1, 1)
+    out = (per_entry.to(gates.dtype) * gates).sum(1) if top_k > 1 else per_entry[:, 0].to(gates.dtype) * gates[:, 0]
+    return out.to(q.dtype).view(q.shape)

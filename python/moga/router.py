@@ -1,0 +1,86 @@
+"""The MoGA router: one linear layer, top-k routing and the group balance loss (paper Eqs. 2-8)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moga._checks import check_top_k
+
+
+class MoGARouter(nn.Module):
+    """The lightweight router: one linear layer from the hidden state to group logits.
+
+    ``forward(x)``: x (..., dim) -> logits (..., num_groups). Softmax and top-k happen in
+    :func:`moga.moga_attention`, which takes these logits.
+    """
+
+    def __init__(self, dim: int, num_groups: int, bias: bool = False) -> None:
+        super().__init__()
+        if dim < 1 or num_groups < 1:
+            raise ValueError(f"dim and num_groups must be positive, got dim={dim}, num_groups={num_groups}")
+        self.dim = dim
+        self.num_groups = num_groups
+        self.proj = nn.Linear(dim, num_groups, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"router input must have last dim {self.dim}, got shape {tuple(x.shape)}")
+        return self.proj(x)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_groups={self.num_groups}, bias={self.proj.bias is not None}"
+
+
+def route_tokens(router_logits: torch.Tensor, top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax the router logits and pick each token's top_k groups.
+
+    Args:
+        router_logits: (B, N, M) float.
+        top_k: groups per token, in [1, M].
+
+    Returns:
+        probs: (B, N, M) float32 (float64 for float64 logits), p = softmax(logits).
+        groups: (B, N, top_k) int64, most probable first; ties go to the lower group index.
+        gates: (B, N, top_k), ``probs`` at ``groups`` (differentiable: the router's only gradient path).
+    """
+    check_top_k(top_k, router_logits.shape[-1])
+    compute_dtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(router_logits.to(compute_dtype), dim=-1)
+    # A stable descending sort keeps equal probabilities in index order: ties go to the lower group.
+    groups = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
+    gates = probs.gather(-1, groups)
+    return probs, groups, gates
+
+
+def group_balance_loss(router_logits: torch.Tensor, top_k: int = 1, *, form: str = "paper") -> torch.Tensor:
+    """Auxiliary loss that keeps groups balanced: L = M * sum_i F_i * P_i (multiply by alpha, 0.1 in the paper).
+
+    With N the number of tokens of the whole batch and g(x) the top_k groups of token x:
+
+    * F_i = (1/N) * #{x : i in g(x)}, the fraction of tokens assigned to group i (no gradient);
+    * ``form="paper"``: P_i = (1/N) * sum over tokens x with i in g(x) of p(i|x) (the paper's Eq. 8 as printed);
+    * ``form="switch"``: P_i = (1/N) * sum over all tokens x of p(i|x) (Switch Transformer's form).
+
+    Perfectly balanced top-1 routing with confident probabilities gives about 1 for both forms.
+
+    Args:
+        router_logits: (..., M) float.
+    Returns: a scalar tensor (float32, or float64 for float64 logits).
+    """
+    if form not in ("paper", "switch"):
+        raise ValueError(f"form must be 'paper' or 'switch', got {form!r}")
+    if not router_logits.dtype.is_floating_point or router_logits.dim() < 1:
+        raise TypeError(f"router_logits must be a floating-point tensor (..., M), got {router_logits.dtype}")
+    M = router_logits.shape[-1]
+    logits = router_logits.reshape(-1, M)
+    probs, groups, _ = route_tokens(logits.unsqueeze(0), top_k)
+    probs, groups = probs[0], groups[0]
+    n = max(logits.shape[0], 1)
+    assigned = torch.zeros_like(probs).scatter_(-1, groups, 1.0)  # (N, M), 1 where i in g(x)
+    fraction = assigned.sum(0) / n
+    if form == "paper":
+        prob_mass = (probs * assigned).sum(0) / n
+    else:
+        prob_mass = probs.sum(0) / n
+    return M * (fraction * prob_mass).sum()

@@ -1,0 +1,125 @@
+"""Build and install moga.
+
+The Python package lives in ``python/moga``; the Triton kernels in ``kernels/`` are installed as the
+subpackage ``moga.kernels``. The compiled extension ``moga._C`` is built from ``csrc/``:
+
+* the CPU part (``csrc/*.cpp`` and ``csrc/cpu/*.cpp``) always;
+* the CUDA part (``csrc/cuda/*.cu`` and ``csrc/cuda/*.cpp``) when torch has CUDA and nvcc is found.
+  ``MOGA_BUILD_CUDA=1`` forces it (and fails loudly if it cannot), ``MOGA_BUILD_CUDA=0`` skips it.
+  ``TORCH_CUDA_ARCH_LIST`` defaults to ``8.0;9.0a``.
+* ``MOGA_BUILD_EXT=0`` skips the extension entirely (pure Python install; the ``torch`` and ``triton``
+  backends still work).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    pkgs = find_packages(where="python")
+    package_dir = {"": "python", "moga.kernels": "kernels"}
+    for sub in find_packages(where="kernels"):
+        pkgs.append(f"moga.kernels.{sub}")
+        package_dir[f"moga.kernels.{sub}"] = os.path.join("kernels", *sub.split("."))
+    pkgs.append("moga.kernels")
+    return pkgs, package_dir
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("MOGA_BUILD_CUDA", "auto").strip().lower()
+    if flag in ("0", "false", "no"):
+        return False
+    import torch
+
+    nvcc = shutil.which("nvcc") or os.path.exists(
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    )
+    possible = torch.version.cuda is not None and bool(nvcc)
+    if flag in ("1", "true", "yes"):
+        if not possible:
+            raise RuntimeError(
+                "MOGA_BUILD_CUDA=1 but the CUDA part cannot be built: "
+                f"torch.version.cuda={torch.version.cuda!r}, nvcc found={bool(nvcc)}"
+            )
+        return True
+    return possible
+
+
+def _extensions() -> tuple[list, dict]:
+    if os.environ.get("MOGA_BUILD_EXT", "1").strip() == "0":
+        return [], {}
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    if not cpu_sources:
+        return [], {}
+    from torch.utils import cpp_extension
+
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if _want_cuda():
+        os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        # ATen/cuda/CUDAContext.h includes cusparse.h, which ships in the nvidia pip wheels, not in CUDA_HOME.
+        try:
+            import nvidia
+
+            for root in nvidia.__path__:
+                for cand in ("cu13", "cu12"):
+                    inc = os.path.join(root, cand, "include")
+                    if os.path.isdir(inc):
+                        include_dirs.append(inc)
+        except ImportError:
+            pass
+        cuda_sources = sorted(
+            glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
+        )
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
+        ext = cpp_extension.CUDAExtension(
+            "moga._C",
+            sources=cpu_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("MOGA_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx + ["-DMOGA_WITH_CUDA=1"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "moga._C",
+            sources=cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass
+
+
+packages, package_dir = _packages()
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="moga",
+    version="0.1.0",
+    description="GPU kernels for Mixture-of-Groups Attention (MoGA)",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "hypothesis", "diffusers", "pytest-timeout"],
+        "bench": ["tqdm", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["moga=moga.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
