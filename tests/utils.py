@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import moga
 import torch
+
+import moga
 from moga.backends import get_backend
 
 # Relative-error bounds against the float64 reference, by dtype (DEVELOPERS.md "Standards").

@@ -1,0 +1,151 @@
+"""moga.group_attention against the dense float64 reference, on every CPU-runnable backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moga
+from moga._alloc import poisoned_outputs
+from moga.reference import group_attention_ref
+from tests.utils import TOL, as_double_leaves, cpu_backends, qkv, rel_err
+
+BACKENDS = cpu_backends()
+
+
+def _check_fwd_bwd(backend, q, k, v, group_ids, num_groups=None, tol=None):
+    """Forward and dq/dk/dv against the float64 reference, with poisoned kernel outputs."""
+    tol = tol or TOL[q.dtype]
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref = group_attention_ref(q64, k64, v64, group_ids)
+    dout = torch.randn_like(ref)
+    ref.backward(dout)
+    with poisoned_outputs():
+        out = moga.group_attention(q, k, v, group_ids, num_groups=num_groups, backend=backend)
+        out.backward(dout.to(out.dtype))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    for name, got, want in (("out", out, ref), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad),
+                            ("dv", v.grad, v64.grad)):
+        assert torch.isfinite(got).all(), f"{name} has non-finite entries (unwritten poison?)"
+        err = rel_err(got, want)
+        assert err < tol, f"{name}: rel err {err:.2e} >= {tol:.0e}"
+    return out
+
+
+def _ragged_ids(B, N, G):
+    return torch.randint(0, G, (B, N))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,N,Hq,Hkv,D", [(1, 37, 2, 2, 32), (2, 130, 4, 2, 64), (1, 67, 4, 1, 32)])
+def test_ragged_groups(backend, B, N, Hq, Hkv, D):
+    q, k, v = qkv(B, N, Hq, Hkv, D)
+    _check_fwd_bwd(backend, q, k, v, _ragged_ids(B, N, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_groups_with_num_groups(backend):
+    q, k, v = qkv(2, 50, 2, 2, 32)
+    ids = torch.tensor([0, 3, 7])[torch.randint(0, 3, (2, 50))]  # groups 1, 2, 4, 5, 6 empty
+    _check_fwd_bwd(backend, q, k, v, ids, num_groups=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_singleton_groups_output_equals_v(backend):
+    q, k, v = qkv(1, 40, 4, 2, 32)
+    ids = torch.randperm(40).view(1, 40)
+    out = _check_fwd_bwd(backend, q, k, v, ids)
+    torch.testing.assert_close(out, v.detach().repeat_interleave(2, dim=2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_group_equals_sdpa(backend):
+    q, k, v = qkv(2, 70, 2, 2, 64)
+    ids = torch.full((2, 70), 3)
+    out = _check_fwd_bwd(backend, q, k, v, ids)
+    dense = F.scaled_dot_product_attention(*(t.detach().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert rel_err(out, dense) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_ids(backend):
+    q, k, v = qkv(2, 60, 2, 1, 32)
+    ids = torch.randint(-1, 3, (2, 60))
+    ids[0, :5] = -7  # any negative id is padding
+    out = _check_fwd_bwd(backend, q, k, v, ids)
+    pad = ids < 0
+    assert (out[pad] == 0).all()
+    assert (q.grad[pad] == 0).all() and (k.grad[pad] == 0).all() and (v.grad[pad] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_padding(backend):
+    q, k, v = qkv(1, 20, 2, 2, 32)
+    with poisoned_outputs():
+        out = moga.group_attention(q, k, v, torch.full((1, 20), -1), backend=backend)
+    assert (out == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_huge_unsorted_ids(backend):
+    q, k, v = qkv(2, 45, 2, 2, 32)
+    base = torch.randint(0, 4, (2, 45))
+    ids = torch.tensor([2**62, 5, 10**12, 77])[base]
+    out = _check_fwd_bwd(backend, q, k, v, ids)
+    # relabelling the groups must not change anything
+    same = moga.group_attention(q.detach(), k.detach(), v.detach(), base.int(), backend=backend)
+    torch.testing.assert_close(out.detach(), same, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16(backend):
+    q, k, v = qkv(1, 96, 2, 2, 64, dtype=torch.float16)
+    _check_fwd_bwd(backend, q, k, v, _ragged_ids(1, 96, 3))
+
+
+def _bf16_naive(q, k, v, ids):
+    """Masked attention computed in bfloat16 arithmetic: the 'bf16 PyTorch implementation' baseline."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v.repeat_interleave(q.shape[2] // v.shape[2], 2)))
+    kt = kt.repeat_interleave(q.shape[2] // k.shape[2], 1)
+    s = (qt @ kt.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    mask = (ids[:, None, :, None] == ids[:, None, None, :])
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    return (p @ vt).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_within_twice_torch_bf16_error(backend):
+    q, k, v = qkv(1, 80, 2, 2, 64, dtype=torch.bfloat16, requires_grad=False)
+    ids = _ragged_ids(1, 80, 3)
+    ref = group_attention_ref(q, k, v, ids)
+    base_err = rel_err(_bf16_naive(q, k, v, ids), ref)
+    with poisoned_outputs():
+        out = moga.group_attention(q, k, v, ids, backend=backend)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) <= 2 * base_err + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_scale_and_int32_ids(backend):
+    q, k, v = qkv(1, 33, 2, 2, 32, requires_grad=False)
+    ids = torch.randint(0, 3, (1, 33), dtype=torch.int32)
+    out = moga.group_attention(q, k, v, ids, softmax_scale=0.3, backend=backend)
+    assert rel_err(out, group_attention_ref(q, k, v, ids, softmax_scale=0.3)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    qkv_fused = torch.randn(2, 41, 3, 2, 32)  # slices of a fused projection
+    q, k, v = qkv_fused[:, :, 0], qkv_fused[:, :, 1], qkv_fused[:, :, 2]
+    assert not q.is_contiguous()
+    ids = _ragged_ids(2, 41, 4)
+    out = moga.group_attention(q, k, v, ids, backend=backend)
+    assert rel_err(out, group_attention_ref(q, k, v, ids)) < 1e-5
+
+
+def test_empty_sequence_and_batch():
+    for B, N in ((0, 5), (2, 0)):
+        q, k, v = qkv(B, N, 2, 2, 32, requires_grad=False)
+        out = moga.group_attention(q, k, v, torch.zeros(B, N, dtype=torch.long), backend="torch")
+        assert out.shape == q.shape
