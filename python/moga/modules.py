@@ -1,0 +1,280 @@
+"""The MoGA attention layer (paper Sec. 3): routed group attention averaged with the static branches.
+
+A layer computes q, k, v once and feeds them to up to three branches:
+
+* the gated global branch, :func:`moga.moga_attention` with a learned router on the layer input;
+* STGA, spatio-temporal window attention with optional cross-shot context frames (:mod:`moga.window`);
+* per-frame attention (window (1, H, W)).
+
+The layer output is the mean of the branches it has, followed by the output projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moga._checks import check_top_k
+from moga.functional import moga_attention
+from moga.router import MoGARouter, group_balance_loss
+from moga.window import Grid, check_window, window_attention
+
+QK_NORM_EPS = 1e-6  # Wan 2.1's RMSNorm eps on the q/k projections
+
+
+@dataclass(frozen=True)
+class WindowSplit:
+    """A window given as a split of each frame: ``rows x cols`` spatial windows, ``frames`` frames deep.
+
+    The paper states STGA windows this way ("2x2 windows per frame"), so the window size follows the
+    resolution: ``resolve((T, H, W)) == (frames, ceil(H / rows), ceil(W / cols))``.
+    """
+
+    frames: int
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        check_window((self.frames, self.rows, self.cols))
+
+    def resolve(self, grid: Grid) -> Grid:
+        _, H, W = grid
+        return self.frames, -(-H // self.rows), -(-W // self.cols)
+
+
+WindowArg = WindowSplit | Sequence[int] | None
+
+
+def resolve_window(window: WindowArg, grid: Grid) -> Grid:
+    """(wt, wh, ww) for this grid from a :class:`WindowSplit` or a fixed window."""
+    if isinstance(window, WindowSplit):
+        return window.resolve(grid)
+    return check_window(window)
+
+
+@dataclass(frozen=True)
+class MoGAConfig:
+    """The paper's MoGA settings for one model family (see :func:`paper_config`).
+
+    Attributes:
+        num_groups: M, groups of the routed branch.
+        window: the STGA window as a split of each frame (temporal extent: our choice, the paper gives none).
+        frame_attention: whether the per-frame branch is on.
+        context_frames: latent frames of each adjacent shot added to STGA keys/values.
+        top_k: groups per token (the paper routes top-1).
+        balance_loss_weight: alpha, the weight of the group balance loss.
+    """
+
+    num_groups: int
+    window: WindowSplit
+    frame_attention: bool = True
+    context_frames: int = 2
+    top_k: int = 1
+    balance_loss_weight: float = 0.1
+
+
+def paper_config(model: str = "wan") -> MoGAConfig:
+    """The paper's settings: ``"wan"`` (Wan 2.1: M = 5, 2x2 windows per frame) or ``"mmdit"`` (M = 20, 4x4).
+
+    The temporal extent of a window is not in the paper; we use about 10 s of video (40 latent frames for
+    Wan at 16 fps, 60 for the 24 fps MMDiT model). docs/static_branches.md explains the choice.
+    """
+    if model == "wan":
+        return MoGAConfig(num_groups=5, window=WindowSplit(frames=40, rows=2, cols=2))
+    if model == "mmdit":
+        return MoGAConfig(num_groups=20, window=WindowSplit(frames=60, rows=4, cols=4))
+    raise ValueError(f"model must be 'wan' or 'mmdit', got {model!r}")
+
+
+def apply_rotary_interleaved(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved channel pairs, exactly as diffusers' Wan attention processor.
+
+    Args:
+        x: (B, N, H, D); channels (2i, 2i+1) form pair i.
+        freqs_cos, freqs_sin: broadcastable to (B, N, H, D), each pair's value repeated twice (Wan's
+            ``WanRotaryPosEmbed`` returns them as (1, N, 1, D), float64 on most devices).
+    Returns: (B, N, H, D) in the dtype of x.
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def moga_layer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    router_logits: torch.Tensor,
+    *,
+    top_k: int = 1,
+    grid: Sequence[int] | None = None,
+    window: WindowArg = None,
+    frame_attention: bool = False,
+    shot_starts: Sequence[int] | None = None,
+    context_frames: int = 0,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+    sequence_parallel_group: object | None = None,
+) -> torch.Tensor:
+    """Mean of the gated MoGA branch and the enabled static branches on shared q, k, v.
+
+    Args:
+        q: (B, N, Hq, D); k, v: (B, N, Hkv, D); router_logits: (B, N, M).
+        grid: (T, H, W) with T * H * W == N; required when a static branch is on.
+        window: STGA window, fixed (wt, wh, ww) or a :class:`WindowSplit`; None disables STGA.
+        frame_attention: add the per-frame branch (window (1, H, W), no context frames).
+        shot_starts, context_frames: see :func:`moga.window_attention` (context applies to STGA only).
+        sequence_parallel_group: a process group: the routed branch runs through
+            :func:`moga.distributed.ulysses_moga_attention` (q, k, v, logits are this rank's shard).
+            Static branches are not supported with it yet.
+
+    Returns: (B, N, Hq, D), dtype of q.
+    """
+    static = window is not None or frame_attention
+    if sequence_parallel_group is not None:
+        if static:
+            raise ValueError(
+                "sequence_parallel_group cannot be combined with the static branches (window, frame_attention) "
+                "yet: they need the whole sequence on one rank"
+            )
+        from moga.distributed import ulysses_moga_attention  # lazy: torch.distributed is optional
+
+        return ulysses_moga_attention(
+            q, k, v, router_logits, top_k=top_k, softmax_scale=softmax_scale, group=sequence_parallel_group,
+            backend=backend,
+        )
+    out = moga_attention(q, k, v, router_logits, top_k=top_k, softmax_scale=softmax_scale, backend=backend)
+    if not static:
+        return out
+    if grid is None:
+        raise ValueError("grid=(T, H, W) is required when window or frame_attention is set")
+    grid = tuple(grid)
+    branches = [out]
+    if window is not None:
+        branches.append(
+            window_attention(
+                q, k, v, grid, resolve_window(window, grid), shot_starts=shot_starts,
+                context_frames=context_frames, softmax_scale=softmax_scale, backend=backend,
+            )
+        )
+    if frame_attention:
+        _, H, W = grid
+        branches.append(
+            window_attention(
+                q, k, v, grid, (1, H, W), shot_starts=shot_starts, softmax_scale=softmax_scale, backend=backend
+            )
+        )
+    # Average in at least float32 so that half-precision branch outputs are rounded once.
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    return (sum(b.to(acc_dtype) for b in branches) / len(branches)).to(q.dtype)
+
+
+class MoGAAttention(nn.Module):
+    """Self-attention layer with MoGA: q/k/v projections, router, branches, mean, output projection.
+
+    Args:
+        dim: model width; ``dim % num_heads == 0``, head dim ``dim // num_heads``.
+        num_heads: query heads. num_kv_heads: key/value heads (GQA), defaults to num_heads.
+        num_groups: M, groups of the routed branch (M = 1: dense attention).
+        window: STGA window, fixed (wt, wh, ww) or :class:`WindowSplit`; None: no STGA branch.
+        frame_attention: add the per-frame branch.
+        top_k: groups per token. context_frames: cross-shot context frames of STGA.
+        qk_norm: RMSNorm (eps 1e-6, learned scale) over the full q and k projections, as Wan 2.1.
+        bias: bias of the q/k/v/output projections. router_bias: bias of the router.
+        backend: segment-attention backend for every branch.
+        sequence_parallel_group: run the routed branch with Ulysses sequence parallelism over this group
+            (x is then this rank's contiguous shard); cannot be combined with static branches yet.
+
+    ``forward(x, grid=None, shot_starts=None, rotary_emb=None)``: x (B, N, dim) -> (B, N, dim). After each
+    call ``last_balance_loss`` holds the group balance loss (paper form, without alpha) of its routing.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_groups: int,
+        *,
+        window: WindowArg = None,
+        frame_attention: bool = False,
+        top_k: int = 1,
+        num_kv_heads: int | None = None,
+        qk_norm: bool = False,
+        bias: bool = True,
+        router_bias: bool = False,
+        context_frames: int = 0,
+        backend: str = "auto",
+        sequence_parallel_group: object | None = None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
+        if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        check_top_k(top_k, num_groups)
+        if window is not None and not isinstance(window, WindowSplit):
+            window = check_window(window)
+        if context_frames < 0:
+            raise ValueError(f"context_frames must be >= 0, got {context_frames}")
+        if sequence_parallel_group is not None and (window is not None or frame_attention):
+            raise ValueError(
+                "sequence_parallel_group cannot be combined with window or frame_attention yet (see "
+                "docs/static_branches.md)"
+            )
+        self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.num_groups, self.top_k = num_groups, top_k
+        self.window, self.frame_attention, self.context_frames = window, frame_attention, context_frames
+        self.backend, self.sequence_parallel_group = backend, sequence_parallel_group
+        kv_dim = num_kv_heads * self.head_dim
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(dim, kv_dim, bias=bias)
+        self.to_v = nn.Linear(dim, kv_dim, bias=bias)
+        self.to_out = nn.Linear(dim, dim, bias=bias)
+        self.norm_q = nn.RMSNorm(dim, eps=QK_NORM_EPS) if qk_norm else nn.Identity()
+        self.norm_k = nn.RMSNorm(kv_dim, eps=QK_NORM_EPS) if qk_norm else nn.Identity()
+        self.router = MoGARouter(dim, num_groups, bias=router_bias)
+        self.last_balance_loss: torch.Tensor | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid: Sequence[int] | None = None,
+        shot_starts: Sequence[int] | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, dim) -> (B, N, dim). grid (T, H, W) is needed by the static branches; rotary_emb is
+        (cos, sin) broadcastable to (B, N, heads, head_dim), applied as :func:`apply_rotary_interleaved`."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (batch, seqlen, {self.dim}), got {tuple(x.shape)}")
+        B, N, _ = x.shape
+        q = self.norm_q(self.to_q(x)).view(B, N, self.num_heads, self.head_dim)
+        k = self.norm_k(self.to_k(x)).view(B, N, self.num_kv_heads, self.head_dim)
+        v = self.to_v(x).view(B, N, self.num_kv_heads, self.head_dim)
+        if rotary_emb is not None:
+            q = apply_rotary_interleaved(q, *rotary_emb)
+            k = apply_rotary_interleaved(k, *rotary_emb)
+        logits = self.router(x)
+        out = moga_layer_attention(
+            q, k, v, logits, top_k=self.top_k, grid=grid, window=self.window, frame_attention=self.frame_attention,
+            shot_starts=shot_starts, context_frames=self.context_frames, backend=self.backend,
+            sequence_parallel_group=self.sequence_parallel_group,
+        )
+        self.last_balance_loss = group_balance_loss(logits, self.top_k, form="paper")
+        return self.to_out(out.reshape(B, N, self.dim))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"num_groups={self.num_groups}, top_k={self.top_k}, window={self.window}, "
+            f"frame_attention={self.frame_attention}, context_frames={self.context_frames}"
+        )
+

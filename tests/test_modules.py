@@ -1,0 +1,135 @@
+"""MoGAAttention and paper_config: equivalence with dense attention, branch mean vs float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moga.distributed
+from moga.modules import MoGAAttention, WindowSplit, apply_rotary_interleaved, paper_config
+from moga.reference import moga_attention_ref
+from moga.window import window_attention_ref
+from tests.utils import cpu_backends, rel_err
+
+
+def _rotary(N: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random interleaved (cos, sin) tables of shape (1, N, 1, D) in Wan's float64 format."""
+    angle = torch.rand(N, D // 2, dtype=torch.float64) * 6.3
+    return angle.cos().repeat_interleave(2, -1).view(1, N, 1, D), angle.sin().repeat_interleave(2, -1).view(1, N, 1, D)
+
+
+def _projections(layer: MoGAAttention, x: torch.Tensor, rotary) -> tuple[torch.Tensor, ...]:
+    """q, k, v in float64 from the layer's own weights, written out independently of forward()."""
+    B, N, _ = x.shape
+    x64 = x.double()
+
+    def lin(m, t):
+        return F.linear(t, m.weight.double(), None if m.bias is None else m.bias.double())
+
+    def rms(m, t):
+        if isinstance(m, torch.nn.Identity):
+            return t
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + m.eps) * m.weight.double()
+
+    q = rms(layer.norm_q, lin(layer.to_q, x64)).view(B, N, layer.num_heads, -1)
+    k = rms(layer.norm_k, lin(layer.to_k, x64)).view(B, N, layer.num_kv_heads, -1)
+    v = lin(layer.to_v, x64).view(B, N, layer.num_kv_heads, -1)
+    if rotary is not None:
+        q, k = apply_rotary_interleaved(q, *rotary), apply_rotary_interleaved(k, *rotary)
+    return q, k, v, lin(layer.router.proj, x64)
+
+
+@pytest.mark.parametrize("qk_norm,kv_heads,use_rotary", [(False, None, False), (True, 2, True)])
+def test_one_group_no_static_branch_is_plain_attention(qk_norm, kv_heads, use_rotary):
+    B, N, dim, heads = 2, 37, 128, 4
+    layer = MoGAAttention(dim, heads, 1, num_kv_heads=kv_heads, qk_norm=qk_norm)
+    x = torch.randn(B, N, dim)
+    rotary = _rotary(N, dim // heads) if use_rotary else None
+    got = layer(x, rotary_emb=rotary)
+
+    q, k, v, _ = _projections(layer, x, rotary)
+    rep = heads // layer.num_kv_heads
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    want = F.linear(attn.reshape(B, N, dim), layer.to_out.weight.double(), layer.to_out.bias.double())
+    assert rel_err(got, want) < 1e-5
+    assert layer.last_balance_loss is not None and torch.isfinite(layer.last_balance_loss)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_three_branch_mean_matches_reference(backend):
+    B, grid, dim, heads, M = 2, (4, 3, 4), 64, 2, 3
+    N, shots, context = math.prod(grid), [1], 1
+    window = WindowSplit(frames=2, rows=2, cols=2)
+    layer = MoGAAttention(
+        dim, heads, M, window=window, frame_attention=True, context_frames=context, qk_norm=True, backend=backend
+    )
+    x = torch.randn(B, N, dim, requires_grad=True)
+    rotary = _rotary(N, dim // heads)
+    got = layer(x, grid=grid, shot_starts=shots, rotary_emb=rotary)
+
+    q, k, v, logits = _projections(layer, x, rotary)
+    stga = window_attention_ref(q, k, v, grid, (2, 2, 2), shots, context)
+    frame = window_attention_ref(q, k, v, grid, (1, 3, 4), shots, 0)
+    mean = (moga_attention_ref(q, k, v, logits) + stga + frame) / 3
+    want = F.linear(mean.reshape(B, N, dim), layer.to_out.weight.double(), layer.to_out.bias.double())
+    assert rel_err(got, want) < 1e-5
+
+    (got.square().sum() + layer.last_balance_loss).backward()
+    assert layer.router.proj.weight.grad.abs().sum() > 0
+    assert x.grad is not None and not x.grad.isnan().any()
+
+
+def test_window_split_resolves_against_the_grid():
+    assert WindowSplit(40, 2, 2).resolve((120, 30, 52)) == (40, 15, 26)
+    assert WindowSplit(3, 2, 2).resolve((5, 7, 9)) == (3, 4, 5)  # odd sizes: edge windows are smaller
+    with pytest.raises(ValueError, match="window"):
+        WindowSplit(0, 2, 2)
+
+
+def test_paper_config():
+    wan = paper_config("wan")
+    assert wan == paper_config()  # "wan" is the default
+    assert (wan.num_groups, wan.window.rows, wan.window.cols, wan.frame_attention, wan.balance_loss_weight) == (
+        5, 2, 2, True, 0.1,
+    )
+    big = paper_config("mmdit")
+    assert (big.num_groups, big.window.rows, big.window.cols) == (20, 4, 4)
+    with pytest.raises(ValueError, match="model"):
+        paper_config("sd3")
+
+
+def test_sequence_parallel_group_goes_through_ulysses(monkeypatch):
+    calls = {}
+
+    def spy(q, k, v, router_logits, *, top_k, softmax_scale, group, backend):
+        calls.update(group=group, top_k=top_k, shape=tuple(q.shape), logits=tuple(router_logits.shape))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(moga.distributed, "ulysses_moga_attention", spy)
+    marker = object()
+    layer = MoGAAttention(64, 2, 4, top_k=2, sequence_parallel_group=marker)
+    out = layer(torch.randn(1, 10, 64))
+    assert calls == dict(group=marker, top_k=2, shape=(1, 10, 2, 32), logits=(1, 10, 4))
+    assert out.shape == (1, 10, 64)
+
+
+def test_bad_configurations_raise():
+    with pytest.raises(ValueError, match="sequence_parallel_group"):
+        MoGAAttention(64, 2, 4, frame_attention=True, sequence_parallel_group=object())
+    with pytest.raises(ValueError, match="num_heads"):
+        MoGAAttention(65, 2, 4)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        MoGAAttention(64, 4, 4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="top_k"):
+        MoGAAttention(64, 2, 4, top_k=5)
+    layer = MoGAAttention(64, 2, 4, frame_attention=True)
+    with pytest.raises(ValueError, match="grid"):
+        layer(torch.randn(1, 12, 64))
+    with pytest.raises(ValueError, match="grid"):
+        layer(torch.randn(1, 12, 64), grid=(2, 2, 2))
+    with pytest.raises(ValueError, match="x must have shape"):
+        layer(torch.randn(12, 64))
