@@ -9,7 +9,9 @@ Functional API (layout ``(batch, seqlen, heads, headdim)`` as in flash-attention
 
 from moga.backends import available_backends
 from moga.functional import group_attention, moga_attention
+from moga.modules import MoGAAttention, MoGAConfig, WindowSplit, paper_config
 from moga.router import MoGARouter, group_balance_loss, route_tokens
+from moga.window import window_attention
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,9 @@ __all__ = [
     "group_balance_loss",
     "moga_attention",
     "route_tokens",
+    "window_attention",
+    "MoGAAttention",
+    "MoGAConfig",
+    "WindowSplit",
+    "paper_config",
 ]
