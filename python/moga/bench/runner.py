@@ -1,0 +1,272 @@
+"""``moga bench``: correctness check against dense attention, then the timing sweep.
+
+Every figure of the sweep is a :class:`Row`; the table, the JSON file and the plot are all drawn from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import moga
+from moga.bench.cases import DISTRIBUTIONS, BenchCase, cpu_sweep, gpu_sweep, make_inputs
+from moga.bench.check import format_check, run_check
+from moga.bench.flops import dense_attention_flops, group_attention_flops
+from moga.bench.methods import Method, methods_for, unavailable_backends
+from moga.bench.report import format_table, write_json, write_plot
+from moga.bench.timing import peak_extra_memory_bytes, time_call
+
+MODES = ("fwd", "fwd+bwd")
+# Rates assumed only to *estimate* a call's time before running it (skip beyond --time-limit): bf16 dense
+# attention on an H100-class GPU, and fp32 on a small CPU. Measured figures never use them.
+ASSUMED_TFLOPS = {"cuda": 300.0, "cpu": 0.05}
+MEMORY_NOTE = {
+    "cuda": "peak_mem_bytes: torch.cuda.max_memory_allocated during one call, minus what was allocated before it",
+    "cpu": "peak memory omitted on CPU: tracemalloc does not see torch's allocator, RSS peak is process-lifetime",
+}
+
+
+@dataclass
+class Row:
+    n: int
+    m: int
+    distribution: str
+    heads: int
+    head_dim: int
+    dtype: str
+    method: str
+    kind: str  # "moga" or "baseline"
+    mode: str
+    status: str  # "ok" | "skipped" | "error"
+    reason: str | None = None
+    median_ms: float | None = None
+    repeats: int | None = None
+    flops: int | None = None
+    tflops: float | None = None
+    speedup_vs_dense: float | None = None
+    peak_mem_bytes: int | None = None
+    estimated_s: float | None = None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present")
+    p.add_argument("--quick", action="store_true", help="trimmed sweep (CPU: under two minutes)")
+    p.add_argument("--json", metavar="PATH", help="write every figure (check, rows, metadata) as JSON")
+    p.add_argument("--plot", metavar="PATH", help="draw time and TFLOP/s vs N (matplotlib, Agg)")
+    p.add_argument("--n", type=int, nargs="+", help="override the sweep's sequence lengths")
+    p.add_argument("--m", type=int, nargs="+", help="override the sweep's group counts")
+    p.add_argument("--dist", choices=DISTRIBUTIONS, nargs="+", help="override the group-size distributions")
+    p.add_argument("--heads", type=int, help="override Hq (= Hkv)")
+    p.add_argument("--head-dim", type=int, help="override D")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="override the sweep dtype")
+    p.add_argument("--methods", nargs="+", help="only methods whose name contains one of these strings")
+    p.add_argument("--modes", choices=MODES, nargs="+", default=list(MODES))
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="S",
+        help="skip a call whose time estimated from FLOPs exceeds S seconds (default: 20 GPU, 10 CPU)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds of repeats per measurement (default: 1 GPU, 0.5 CPU; at least 3 repeats)",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check (not recommended)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("moga bench: --device cuda but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def build_cases(args: argparse.Namespace, device: torch.device) -> list[BenchCase]:
+    base = gpu_sweep(args.quick) if device.type == "cuda" else cpu_sweep(args.quick)
+    ns = args.n or sorted({c.n for c in base})
+    ms = args.m or sorted({c.m for c in base})
+    dists = args.dist or [d for d in DISTRIBUTIONS if any(c.distribution == d for c in base)]
+    heads = args.heads or base[0].heads
+    head_dim = args.head_dim or base[0].head_dim
+    dtype = args.dtype or base[0].dtype
+    for name, values in (("--n", ns), ("--m", ms)):
+        if any(v < 1 for v in values):
+            raise SystemExit(f"moga bench: {name} values must be positive, got {values}")
+    return [BenchCase(n, m, d, heads, head_dim, dtype) for n in ns for m in ms for d in dists]
+
+
+def selected_methods(case: BenchCase, device: torch.device, args: argparse.Namespace) -> list[Method]:
+    """The case's methods, filtered by --methods (dense SDPA always stays: it is the speedup baseline)."""
+    methods = methods_for(case, device, args.quick)
+    if not args.methods:
+        return methods
+    return [m for m in methods if m.name == "dense_sdpa" or any(s in m.name for s in args.methods)]
+
+
+def _flops(case: BenchCase, method: Method, backward: bool) -> int:
+    if method.dense_flops:
+        return dense_attention_flops(case.n, case.head_dim, case.heads, backward)
+    return group_attention_flops(case.sizes, case.head_dim, case.heads, backward)
+
+
+def _timed_fn(fn, inputs, mode: str):
+    """The callable to time: the forward under no_grad, or forward plus backward with fresh grads."""
+    if mode == "fwd":
+        q, k, v = inputs.q, inputs.k, inputs.v
+
+        def run():
+            with torch.no_grad():
+                return fn(q, k, v)
+
+        return run
+    q, k, v = (t.detach().requires_grad_(True) for t in (inputs.q, inputs.k, inputs.v))
+    dout = torch.randn_like(inputs.q)
+
+    def run_bwd():
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v).backward(dout)
+
+    return run_bwd
+
+
+def measure_case(case: BenchCase, device: torch.device, args: argparse.Namespace, progress) -> list[Row]:
+    inputs = make_inputs(case, device, args.seed)
+    rate = ASSUMED_TFLOPS[device.type] * 1e12
+    limit = args.time_limit if args.time_limit is not None else (20.0 if device.type == "cuda" else 10.0)
+    budget = args.budget if args.budget is not None else (1.0 if device.type == "cuda" else 0.5)
+    rows: list[Row] = []
+    dense_ms: dict[str, float] = {}
+    for method in selected_methods(case, device, args):
+        fn = None
+        for mode in args.modes:
+            backward = mode == "fwd+bwd"
+            flops = _flops(case, method, backward)
+            est = flops / rate
+            row = Row(
+                **{f: getattr(case, f) for f in ("n", "m", "distribution", "heads", "head_dim", "dtype")},
+                method=method.name,
+                kind=method.kind,
+                mode=mode,
+                status="skipped",
+                flops=flops,
+                estimated_s=est,
+            )
+            rows.append(row)
+            progress.set_postfix_str(f"{case.label()} {method.name} {mode}")
+            if method.skip_reason:
+                row.reason = method.skip_reason
+            elif backward and not method.differentiable:
+                row.reason = f"no backward on {device.type}"
+            elif est > limit:
+                row.reason = f"estimated {est:.0f} s > --time-limit {limit:g} s"
+            else:
+                try:
+                    fn = fn or method.build(inputs)
+                    call = _timed_fn(fn, inputs, mode)
+                    timing = time_call(call, device, budget_s=budget)
+                    row.peak_mem_bytes = peak_extra_memory_bytes(call, device)
+                except Exception as exc:  # shown in the table; a moga failure also fails the run
+                    row.status, row.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                else:
+                    row.status, row.median_ms, row.repeats = "ok", timing.median_ms, timing.repeats
+                    row.tflops = flops / (timing.median_ms * 1e-3) / 1e12
+                    if method.name == "dense_sdpa":
+                        dense_ms[mode] = timing.median_ms
+                    if mode in dense_ms:
+                        row.speedup_vs_dense = dense_ms[mode] / timing.median_ms
+            progress.update(1)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "moga": moga.__version__,
+        "backends_available": moga.available_backends(),
+        "backends_unavailable": unavailable_backends(),
+        "argv": sys.argv,
+        "memory_note": MEMORY_NOTE[device.type],
+        "flops_note": "forward 4*sum_g n_g^2*D*Hq (dense: one group of N); forward+backward 3.5x forward",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    """The bench's main job; returns the process exit code (non-zero when a check or a moga path fails)."""
+    from tqdm import tqdm
+
+    device = _resolve_device(args.device)
+    cases = build_cases(args, device)
+    env = environment(device)
+    print(f"moga bench on {env['device']} ({device.type}), torch {env['torch']}, triton {env['triton']}")
+    print(f"backends: {env['backends_available']}; not available: {env['backends_unavailable']}")
+
+    check = []
+    if not args.no_check:
+        dtype = cases[0].torch_dtype
+        print(f"\ncorrectness check vs float64 reference ({dtype}, {device.type}):")
+        check = run_check(device, dtype, args.seed)
+        print(format_check(check))
+        failed = [c for c in check if not c.ok]
+        if failed:
+            names = ", ".join(f"{c.path}:{c.tensor}" for c in failed)
+            print(f"\nFAILED: moga disagrees with dense attention ({names}); no timings taken.", file=sys.stderr)
+            if args.json:
+                write_json(args.json, env, check, [])
+            return 1
+
+    total = sum(len(selected_methods(c, device, args)) for c in cases) * len(args.modes)
+    rows: list[Row] = []
+    with tqdm(total=total, desc="sweep", unit="call", file=sys.stderr) as progress:
+        for case in cases:
+            rows.extend(measure_case(case, device, args, progress))
+
+    print()
+    print(format_table(rows, env["memory_note"]))
+    if args.json:
+        write_json(args.json, env, check, rows)
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(args.plot, rows, env)
+        print(f"wrote {args.plot}")
+    moga_errors = [r for r in rows if r.status == "error" and r.kind == "moga"]
+    if moga_errors:
+        print(f"FAILED: {len(moga_errors)} moga measurement(s) raised; see the table", file=sys.stderr)
+        return 1
+    return 0
