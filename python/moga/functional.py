@@ -11,6 +11,7 @@ from moga._checks import (
     check_top_k,
     softmax_scale_or_default,
 )
+from moga._determinism import deterministic_mode, keep_for_backward
 from moga.backends import select_backend
 from moga.layout import RoutedLayout, routed_layout
 from moga.router import route_tokens
@@ -45,12 +46,19 @@ def _run_segments(
     routed: RoutedLayout,
     scale: float,
     backend: str,
+    deterministic: bool = False,
 ) -> torch.Tensor:
-    """Segment attention over flattened tokens; returns per-entry outputs (T, top_k, Hq, D)."""
+    """Segment attention over flattened tokens; returns per-entry outputs (T, top_k, Hq, D).
+
+    ``deterministic`` (or torch's global deterministic flag) is visible to the backend through
+    :func:`moga._determinism.deterministic_enabled` in its forward and in its backward.
+    """
     B, N, Hq, D = q.shape
     qf, kf, vf = q.reshape(B * N, Hq, D), k.reshape(B * N, k.shape[2], D), v.reshape(B * N, v.shape[2], D)
     impl = select_backend(backend, qf, kf, vf)
-    out_seg = impl.segment_attention(qf, kf, vf, routed.segments, scale)  # (T * top_k, Hq, D)
+    with deterministic_mode(deterministic):
+        out_seg = impl.segment_attention(qf, kf, vf, routed.segments, scale)  # (T * top_k, Hq, D)
+    keep_for_backward(out_seg, deterministic)
     return out_seg[routed.position].view(B * N, routed.top_k, Hq, D)
 
 
@@ -63,6 +71,7 @@ def group_attention(
     softmax_scale: float | None = None,
     num_groups: int | None = None,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Attention inside groups of tokens.
 
@@ -78,6 +87,8 @@ def group_attention(
         num_groups: if given, ids must lie in [-inf, num_groups) and the call never synchronises with the
             GPU; if None, ids are compacted with ``torch.unique`` (one host synchronisation).
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see :func:`moga.available_backends`).
+        deterministic: bitwise reproducible forward and backward (kernels avoid floating-point atomics);
+            also on when ``torch.are_deterministic_algorithms_enabled()``.
 
     Returns: (B, N, Hq, D), dtype of q. Differentiable in q, k and v.
     """
@@ -86,7 +97,7 @@ def group_attention(
     scale = softmax_scale_or_default(softmax_scale, D)
     dense, G = _dense_group_ids(group_ids, num_groups)
     routed = routed_layout(dense.view(B, N, 1), G)
-    return _run_segments(q, k, v, routed, scale, backend)[:, 0].view(q.shape)
+    return _run_segments(q, k, v, routed, scale, backend, deterministic)[:, 0].view(q.shape)
 
 
 def moga_attention(
@@ -98,6 +109,7 @@ def moga_attention(
     top_k: int = 1,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Mixture-of-Groups attention (paper Eq. 5, generalised to top_k groups per token).
 
@@ -113,6 +125,7 @@ def moga_attention(
         top_k: groups per token, in [1, M].
         softmax_scale: defaults to D ** -0.5.
         backend: see :func:`group_attention`.
+        deterministic: see :func:`group_attention`.
 
     Returns: (B, N, Hq, D), dtype of q. Differentiable in q, k, v and router_logits (through the gate p).
     Never synchronises with the GPU.
@@ -123,7 +136,7 @@ def moga_attention(
     scale = softmax_scale_or_default(softmax_scale, D)
     _, groups, gates = route_tokens(router_logits, top_k)
     routed = routed_layout(groups, M)
-    per_entry = _run_segments(q, k, v, routed, scale, backend)  # (T, K, Hq, D)
+    per_entry = _run_segments(q, k, v, routed, scale, backend, deterministic)  # (T, K, Hq, D)
     gates = gates.reshape(B * N, top_k, 1, 1)
     out = (per_entry.to(gates.dtype) * gates).sum(1) if top_k > 1 else per_entry[:, 0].to(gates.dtype) * gates[:, 0]
     return out.to(q.dtype).view(q.shape)
