@@ -60,7 +60,9 @@ def _extensions() -> tuple[list, dict]:
         return [], {}
     from torch.utils import cpp_extension
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 for torch 2.11, C++20
+    # for torch >= 2.12), and our sources compile under both.
+    cxx = ["-O3", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
         os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
@@ -79,7 +81,7 @@ def _extensions() -> tuple[list, dict]:
         cuda_sources = sorted(
             glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
         )
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(
             "moga._C",
             sources=cpu_sources + cuda_sources,

@@ -1,0 +1,426 @@
+// CPU segment attention: moga::segment_attention_fwd / _bwd for CPU tensors.
+//
+// Flash-attention style tiling, parallel over work items with dynamic scheduling:
+//   forward:    item = (segment, query tile, kv head). The query rows of all Hq / Hkv query heads that share the
+//               kv head are stacked into one [R = G * bm, D] tile so the gathered K/V tiles are reused across the
+//               group; online softmax over key tiles; both products are BLAS GEMMs on contiguous fp32 (fp64 for
+//               fp64 inputs) copies of the gathered rows.
+//   backward:   two passes so that every gradient row has exactly one writer (no atomics, deterministic):
+//               pass 1, item = (segment, key tile, kv head): dK, dV of the tile's key positions;
+//               pass 2, item = (segment, query tile, kv head): dQ of the tile's query positions.
+// Gradients land in token space: rows are written directly when each token occurs once (q_unique / k_unique),
+// otherwise per-position gradients are summed into tokens with index_add_.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../ops.h"
+#include "blas.h"
+#include "vec_math.h"
+
+namespace moga::cpu {
+namespace {
+
+constexpr int64_t kRowsPerTile = 128;  // stacked query rows (G * bm) per tile, before rounding bm down
+constexpr int64_t kMinQueryTile = 16;  // bm lower bound for large GQA groups
+constexpr int64_t kKeyTile = 256;      // keys per tile in the forward and dQ passes
+constexpr int64_t kGradKeyTile = 128;  // keys per tile owned by one dK/dV work item
+
+// A tile of consecutive positions [start, start + len) of one segment.
+struct Tile {
+  int64_t segment;
+  int64_t start;
+  int64_t len;
+};
+
+// Tiles of every non-empty segment's positions, from the (S + 1,) offsets.
+std::vector<Tile> make_tiles(const int64_t* offsets, int64_t S, int64_t tile) {
+  std::vector<Tile> tiles;
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t p = offsets[s]; p < offsets[s + 1]; p += tile) tiles.push_back({s, p, std::min(tile, offsets[s + 1] - p)});
+  }
+  return tiles;
+}
+
+// Runs body(item, workspace) for item in [0, n) on at::parallel_for threads, handing out items dynamically
+// (segments are ragged, so a static split would leave threads idle). Workspace is per thread.
+template <typename Workspace, typename Body>
+void for_each_item(int64_t n, const Workspace& prototype, const Body& body) {
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Workspace ws = prototype;
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(i, ws);
+  });
+}
+
+// Layout contents checks (the CPU can read them for free): offsets start at 0, never decrease and stay within
+// the positions; every index read by a segment names an existing token row.
+void check_layout_contents(const int64_t* index, const int64_t* offsets, int64_t S, int64_t L, int64_t T,
+                           const char* index_name, const char* offsets_name) {
+  TORCH_CHECK(offsets[0] == 0, "moga: ", offsets_name, "[0] must be 0, got ", offsets[0]);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(offsets[s + 1] >= offsets[s], "moga: ", offsets_name, " must be non-decreasing, got ",
+                offsets_name, "[", s, "] = ", offsets[s], " > ", offsets_name, "[", s + 1, "] = ", offsets[s + 1]);
+  }
+  TORCH_CHECK(offsets[S] <= L, "moga: ", offsets_name, "[S] = ", offsets[S], " exceeds the number of positions ", L,
+              " of ", index_name);
+  for (int64_t p = 0; p < offsets[S]; ++p) {
+    TORCH_CHECK(index[p] >= 0 && index[p] < T, "moga: ", index_name, "[", p, "] = ", index[p],
+                " is not a token row in [0, ", T, ")");
+  }
+}
+
+// A (T, H, D) tensor with a contiguous last dimension, as base pointer and strides.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* data;
+  int64_t stride_token;
+  int64_t stride_head;
+  const scalar_t* row(int64_t token, int64_t head) const { return data + token * stride_token + head * stride_head; }
+};
+
+template <typename scalar_t>
+Rows<scalar_t> rows_of(const at::Tensor& t) {
+  return {t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
+}
+
+// dst[i, :] = mult * src.row(index[i], head) for i < n, converted to the accumulation type; dst has row stride D.
+template <typename scalar_t, typename acc_t>
+void gather(acc_t* dst, const Rows<scalar_t>& src, const int64_t* index, int64_t n, int64_t head, int64_t D,
+            acc_t mult) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* p_src = src.row(index[i], head);
+    acc_t* p_dst = dst + i * D;
+    for (int64_t d = 0; d < D; ++d) p_dst[d] = static_cast<acc_t>(p_src[d]) * mult;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct Problem {
+  Rows<scalar_t> q, k, v;
+  const int64_t *q_index, *q_offsets, *k_index, *k_offsets;
+  int64_t S, Lq, Lk, Hq, Hkv, G, D;
+  acc_t scale;
+  int64_t query_tile;  // bm: query positions per tile, so a tile stacks R = G * bm <= kRowsPerTile rows
+};
+
+template <typename scalar_t, typename acc_t>
+Problem<scalar_t, acc_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& q_index, const at::Tensor& q_offsets,
+                                      const at::Tensor& k_index, const at::Tensor& k_offsets, double scale) {
+  Problem<scalar_t, acc_t> pb{rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
+                              q_index.const_data_ptr<int64_t>(), q_offsets.const_data_ptr<int64_t>(),
+                              k_index.const_data_ptr<int64_t>(), k_offsets.const_data_ptr<int64_t>(),
+                              q_offsets.numel() - 1, q_index.numel(), k_index.numel(), q.size(1), k.size(1),
+                              q.size(1) / k.size(1), q.size(2), static_cast<acc_t>(scale), 0};
+  pb.query_tile = std::max(kMinQueryTile, kRowsPerTile / pb.G);
+  check_layout_contents(pb.q_index, pb.q_offsets, pb.S, pb.Lq, q.size(0), "q_index", "q_offsets");
+  check_layout_contents(pb.k_index, pb.k_offsets, pb.S, pb.Lk, k.size(0), "k_index", "k_offsets");
+  return pb;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct FwdWorkspace {
+  std::vector<acc_t> q, k, v, s, acc, m, l;
+  FwdWorkspace(int64_t rows, int64_t keys, int64_t D)
+      : q(rows * D), k(keys * D), v(keys * D), s(rows * keys), acc(rows * D), m(rows), l(rows) {}
+};
+
+template <typename scalar_t, typename acc_t>
+void forward_tile(const Problem<scalar_t, acc_t>& pb, const Tile& tile, int64_t hk, FwdWorkspace<acc_t>& ws,
+                  scalar_t* out, float* lse) {
+  const int64_t D = pb.D, G = pb.G, bm = tile.len, R = G * bm;
+  const int64_t ka = pb.k_offsets[tile.segment], kb = pb.k_offsets[tile.segment + 1];
+  const int64_t* q_idx = pb.q_index + tile.start;
+  if (ka == kb) {  // no keys: zero output, lse = -inf
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g;
+      for (int64_t i = 0; i < bm; ++i) {
+        std::fill_n(out + ((tile.start + i) * pb.Hq + h) * D, D, scalar_t(0));
+        lse[h * pb.Lq + tile.start + i] = -std::numeric_limits<float>::infinity();
+      }
+    }
+    return;
+  }
+  // [R, D] stacked query rows, pre-multiplied by the softmax scale; row g * bm + i is head hk * G + g.
+  for (int64_t g = 0; g < G; ++g) gather(ws.q.data() + g * bm * D, pb.q, q_idx, bm, hk * G + g, D, pb.scale);
+  std::fill_n(ws.m.data(), R, -std::numeric_limits<acc_t>::infinity());
+  std::fill_n(ws.l.data(), R, acc_t(0));
+  std::fill_n(ws.acc.data(), R * D, acc_t(0));
+  for (int64_t k0 = ka; k0 < kb; k0 += kKeyTile) {
+    const int64_t bn = std::min(kKeyTile, kb - k0);
+    gather(ws.k.data(), pb.k, pb.k_index + k0, bn, hk, D, acc_t(1));  // [bn, D]
+    gather(ws.v.data(), pb.v, pb.k_index + k0, bn, hk, D, acc_t(1));  // [bn, D]
+    gemm_abt<acc_t>(R, bn, D, ws.q.data(), D, ws.k.data(), D, acc_t(0), ws.s.data(), kKeyTile);  // [R, bn]
+    for (int64_t r = 0; r < R; ++r) {
+      acc_t* s_row = ws.s.data() + r * kKeyTile;
+      const acc_t m_new = std::max(ws.m[r], row_max(s_row, bn));
+      const acc_t row_sum = exp_sub_sum(s_row, bn, m_new);
+      if (ws.m[r] != m_new) {
+        // exp(-inf) = 0 on the first tile, where l and acc are still zero.
+        const acc_t alpha = std::exp(ws.m[r] - m_new);
+        ws.l[r] *= alpha;
+        scale_row(ws.acc.data() + r * D, D, alpha);
+      }
+      ws.l[r] += row_sum;
+      ws.m[r] = m_new;
+    }
+    gemm_ab<acc_t>(R, D, bn, ws.s.data(), kKeyTile, ws.v.data(), D, acc_t(1), ws.acc.data(), D);  // [R, D]
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = hk * G + g;
+    for (int64_t i = 0; i < bm; ++i) {
+      const int64_t r = g * bm + i, pos = tile.start + i;
+      const acc_t inv_l = acc_t(1) / ws.l[r];
+      const acc_t* p_acc = ws.acc.data() + r * D;
+      scalar_t* p_out = out + (pos * pb.Hq + h) * D;
+      for (int64_t d = 0; d < D; ++d) p_out[d] = static_cast<scalar_t>(p_acc[d] * inv_l);
+      lse[h * pb.Lq + pos] = static_cast<float>(ws.m[r] + std::log(ws.l[r]));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> segment_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& q_index_in,
+                                                             const at::Tensor& q_offsets_in,
+                                                             const at::Tensor& k_index_in,
+                                                             const at::Tensor& k_offsets_in, double scale) {
+  check_segment_attention_fwd_args(q, k, v, q_index_in, q_offsets_in, k_index_in, k_offsets_in, scale, at::kCPU);
+  const at::Tensor q_index = q_index_in.contiguous(), q_offsets = q_offsets_in.contiguous();
+  const at::Tensor k_index = k_index_in.contiguous(), k_offsets = k_offsets_in.contiguous();
+  const int64_t Lq = q_index.numel(), Hq = q.size(1), D = q.size(2);
+  at::Tensor out = empty_output({Lq, Hq, D}, q.options());
+  at::Tensor lse = empty_output({Hq, Lq}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "moga_segment_attention_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto pb = make_problem<scalar_t, acc_t>(q, k, v, q_index, q_offsets, k_index, k_offsets, scale);
+    scalar_t* p_out = out.data_ptr<scalar_t>();
+    float* p_lse = lse.data_ptr<float>();
+    const std::vector<Tile> tiles = make_tiles(pb.q_offsets, pb.S, pb.query_tile);
+    const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+    for_each_item(n_tiles * pb.Hkv, FwdWorkspace<acc_t>(pb.G * pb.query_tile, kKeyTile, D),
+                  [&](int64_t item, FwdWorkspace<acc_t>& ws) {
+                    forward_tile(pb, tiles[item / pb.Hkv], item % pb.Hkv, ws, p_out, p_lse);
+                  });
+    // Positions past the last segment: zero output, no keys.
+    const int64_t tail = pb.q_offsets[pb.S];
+    out.narrow(0, tail, Lq - tail).zero_();
+    lse.narrow(1, tail, Lq - tail).fill_(-std::numeric_limits<float>::infinity());
+  });
+  return {out, lse};
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct BwdWorkspace {
+  std::vector<acc_t> q, dout, lse, delta, k, v, p, dp, grad_a, grad_b;
+  BwdWorkspace(int64_t rows, int64_t keys, int64_t D)
+      : q(rows * D),
+        dout(rows * D),
+        lse(rows),
+        delta(rows),
+        k(keys * D),
+        v(keys * D),
+        p(rows * keys),
+        dp(rows * keys),
+        grad_a(std::max(rows, keys) * D),
+        grad_b(keys * D) {}
+};
+
+// Inputs of the backward shared by both passes.
+template <typename scalar_t, typename acc_t>
+struct Backward {
+  const Problem<scalar_t, acc_t>& pb;
+  Rows<scalar_t> dout;      // (Lq, Hq, D) in position space
+  const float* lse;         // (Hq, Lq)
+  const acc_t* delta;       // (Hq, Lq): rowsum(dout * out)
+
+  // Stack the query-side rows of a query tile for kv head hk: scaled q, dout, lse, delta. Returns R.
+  int64_t load_query_tile(const Tile& tile, int64_t hk, BwdWorkspace<acc_t>& ws) const {
+    const int64_t D = pb.D, bm = tile.len;
+    for (int64_t g = 0; g < pb.G; ++g) {
+      const int64_t h = hk * pb.G + g;
+      gather(ws.q.data() + g * bm * D, pb.q, pb.q_index + tile.start, bm, h, D, pb.scale);
+      for (int64_t i = 0; i < bm; ++i) {
+        const int64_t pos = tile.start + i, r = g * bm + i;
+        const scalar_t* p_dout = dout.row(pos, h);
+        for (int64_t d = 0; d < D; ++d) ws.dout[r * D + d] = static_cast<acc_t>(p_dout[d]);
+        ws.lse[r] = static_cast<acc_t>(lse[h * pb.Lq + pos]);
+        ws.delta[r] = delta[h * pb.Lq + pos];
+      }
+    }
+    return pb.G * bm;
+  }
+
+  // With ws.q/dout/lse/delta of R query rows and ws.k/v of bn keys loaded: ws.p = P = exp(S - lse),
+  // ws.dp = dP = dout V^T, then ws.p = dS = P * (dP - delta) unless keep_p (pass 1 still needs P for dV).
+  void probabilities(int64_t R, int64_t bn, int64_t ld, BwdWorkspace<acc_t>& ws) const {
+    gemm_abt<acc_t>(R, bn, pb.D, ws.q.data(), pb.D, ws.k.data(), pb.D, acc_t(0), ws.p.data(), ld);  // [R, bn]
+    for (int64_t r = 0; r < R; ++r) exp_sub_sum(ws.p.data() + r * ld, bn, ws.lse[r]);
+    gemm_abt<acc_t>(R, bn, pb.D, ws.dout.data(), pb.D, ws.v.data(), pb.D, acc_t(0), ws.dp.data(), ld);  // [R, bn]
+  }
+
+  void softmax_backward(int64_t R, int64_t bn, int64_t ld, BwdWorkspace<acc_t>& ws) const {
+    for (int64_t r = 0; r < R; ++r) softmax_grad(ws.p.data() + r * ld, ws.dp.data() + r * ld, bn, ws.delta[r]);
+  }
+
+  // Pass 1: dK, dV of the key tile for kv head hk, over all query tiles of its segment and all G query heads.
+  // grad rows go to dk_rows/dv_rows(position) (token rows or per-position buffers).
+  template <typename Store>
+  void key_tile(const Tile& tile, int64_t hk, BwdWorkspace<acc_t>& ws, const Store& store) const {
+    const int64_t D = pb.D, bn = tile.len;
+    acc_t* dk = ws.grad_a.data();  // [bn, D]
+    acc_t* dv = ws.grad_b.data();  // [bn, D]
+    std::fill_n(dk, bn * D, acc_t(0));
+    std::fill_n(dv, bn * D, acc_t(0));
+    gather(ws.k.data(), pb.k, pb.k_index + tile.start, bn, hk, D, acc_t(1));
+    gather(ws.v.data(), pb.v, pb.k_index + tile.start, bn, hk, D, acc_t(1));
+    const int64_t qa = pb.q_offsets[tile.segment], qb = pb.q_offsets[tile.segment + 1];
+    for (int64_t p0 = qa; p0 < qb; p0 += pb.query_tile) {
+      const Tile q_tile{tile.segment, p0, std::min(pb.query_tile, qb - p0)};
+      const int64_t R = load_query_tile(q_tile, hk, ws);
+      probabilities(R, bn, kGradKeyTile, ws);
+      gemm_atb<acc_t>(bn, D, R, ws.p.data(), kGradKeyTile, ws.dout.data(), D, acc_t(1), dv, D);  // dV += P^T dO
+      softmax_backward(R, bn, kGradKeyTile, ws);
+      // dK += dS^T (scale q): the scale of S = scale * q k^T is already in ws.q.
+      gemm_atb<acc_t>(bn, D, R, ws.p.data(), kGradKeyTile, ws.q.data(), D, acc_t(1), dk, D);
+    }
+    for (int64_t j = 0; j < bn; ++j) store(tile.start + j, hk, dk + j * D, dv + j * D);
+  }
+
+  // Pass 2: dQ of the query tile for the G query heads of kv head hk, over all key tiles of its segment.
+  template <typename Store>
+  void query_tile(const Tile& tile, int64_t hk, BwdWorkspace<acc_t>& ws, const Store& store) const {
+    const int64_t D = pb.D, bm = tile.len;
+    const int64_t R = load_query_tile(tile, hk, ws);
+    acc_t* dq = ws.grad_a.data();  // [R, D]
+    std::fill_n(dq, R * D, acc_t(0));
+    const int64_t ka = pb.k_offsets[tile.segment], kb = pb.k_offsets[tile.segment + 1];
+    for (int64_t k0 = ka; k0 < kb; k0 += kKeyTile) {
+      const int64_t bn = std::min(kKeyTile, kb - k0);
+      gather(ws.k.data(), pb.k, pb.k_index + k0, bn, hk, D, acc_t(1));
+      gather(ws.v.data(), pb.v, pb.k_index + k0, bn, hk, D, acc_t(1));
+      probabilities(R, bn, kKeyTile, ws);
+      softmax_backward(R, bn, kKeyTile, ws);
+      gemm_ab<acc_t>(R, D, bn, ws.p.data(), kKeyTile, ws.k.data(), D, acc_t(1), dq, D);  // dQ += dS K
+    }
+    for (int64_t g = 0; g < pb.G; ++g) {
+      for (int64_t i = 0; i < bm; ++i) {
+        acc_t* row = dq + (g * bm + i) * D;
+        scale_row(row, D, pb.scale);
+        store(tile.start + i, hk * pb.G + g, row);
+      }
+    }
+  }
+};
+
+// Gradient storage in token space: either the (T, H, D) output directly (each token written at most once) or an
+// acc_t per-position buffer (Lpos, H, D) that is summed into tokens afterwards.
+template <typename scalar_t, typename acc_t>
+struct GradTarget {
+  at::Tensor grad;          // (T, H, D), dtype of the inputs, zero-initialised
+  at::Tensor per_position;  // (L, H, D) acc_t when tokens repeat, else undefined
+  scalar_t* p_grad;
+  acc_t* p_per_position = nullptr;
+  const int64_t* index;
+  int64_t H, D;
+
+  GradTarget(int64_t T, int64_t L, int64_t H_, int64_t D_, bool unique, const at::Tensor& index_t,
+             const at::TensorOptions& options)
+      : index(index_t.const_data_ptr<int64_t>()), H(H_), D(D_) {
+    grad = empty_output({T, H, D}, options);
+    grad.zero_();  // tokens no segment reads get zero
+    p_grad = grad.data_ptr<scalar_t>();
+    if (!unique) {
+      per_position = at::zeros({L, H, D}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
+      p_per_position = per_position.data_ptr<acc_t>();
+    }
+  }
+
+  void store(int64_t pos, int64_t h, const acc_t* row) const {
+    if (p_per_position != nullptr) {
+      std::copy_n(row, D, p_per_position + (pos * H + h) * D);
+    } else {
+      scalar_t* p = p_grad + (index[pos] * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) p[d] = static_cast<scalar_t>(row[d]);
+    }
+  }
+
+  // Sum per-position rows of positions [0, used) into their tokens (index_add_ is race-free and deterministic).
+  at::Tensor finish(const at::Tensor& index_t, int64_t used) {
+    if (!per_position.defined()) return grad;
+    at::Tensor acc = at::zeros({grad.size(0), H, D}, per_position.options());
+    acc.index_add_(0, index_t.narrow(0, 0, used), per_position.narrow(0, 0, used));
+    grad.copy_(acc);
+    return grad;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse_in, const at::Tensor& q_index_in, const at::Tensor& q_offsets_in,
+    const at::Tensor& k_index_in, const at::Tensor& k_offsets_in, double scale, bool q_unique, bool k_unique) {
+  check_segment_attention_bwd_args(dout_in, q, k, v, out, lse_in, q_index_in, q_offsets_in, k_index_in,
+                                   k_offsets_in, scale, at::kCPU);
+  const at::Tensor q_index = q_index_in.contiguous(), q_offsets = q_offsets_in.contiguous();
+  const at::Tensor k_index = k_index_in.contiguous(), k_offsets = k_offsets_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const int64_t Lq = q_index.numel(), Lk = k_index.numel(), Hq = q.size(1), Hkv = k.size(1), D = q.size(2);
+  at::Tensor dq, dk, dv;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "moga_segment_attention_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const auto pb = make_problem<scalar_t, acc_t>(q, k, v, q_index, q_offsets, k_index, k_offsets, scale);
+    // delta[h, pos] = sum_d dout * out, in acc_t: (Hq, Lq).
+    const at::Tensor delta = (dout_in.to(acc_dtype) * out.to(acc_dtype)).sum(-1).t().contiguous();
+    const Backward<scalar_t, acc_t> bw{pb, rows_of<scalar_t>(dout_in), lse.const_data_ptr<float>(),
+                                       delta.const_data_ptr<acc_t>()};
+    GradTarget<scalar_t, acc_t> gq(q.size(0), Lq, Hq, D, q_unique, q_index, q.options());
+    GradTarget<scalar_t, acc_t> gk(k.size(0), Lk, Hkv, D, k_unique, k_index, k.options());
+    GradTarget<scalar_t, acc_t> gv(v.size(0), Lk, Hkv, D, k_unique, k_index, v.options());
+    const BwdWorkspace<acc_t> prototype(pb.G * pb.query_tile, std::max(kKeyTile, kGradKeyTile), D);
+
+    const std::vector<Tile> key_tiles = make_tiles(pb.k_offsets, pb.S, kGradKeyTile);
+    for_each_item(static_cast<int64_t>(key_tiles.size()) * Hkv, prototype, [&](int64_t item, BwdWorkspace<acc_t>& ws) {
+      bw.key_tile(key_tiles[item / Hkv], item % Hkv, ws,
+                  [&](int64_t pos, int64_t hk, const acc_t* dk_row, const acc_t* dv_row) {
+                    gk.store(pos, hk, dk_row);
+                    gv.store(pos, hk, dv_row);
+                  });
+    });
+    const std::vector<Tile> query_tiles = make_tiles(pb.q_offsets, pb.S, pb.query_tile);
+    for_each_item(static_cast<int64_t>(query_tiles.size()) * Hkv, prototype,
+                  [&](int64_t item, BwdWorkspace<acc_t>& ws) {
+                    bw.query_tile(query_tiles[item / Hkv], item % Hkv, ws,
+                                  [&](int64_t pos, int64_t h, const acc_t* row) { gq.store(pos, h, row); });
+                  });
+    dq = gq.finish(q_index, pb.q_offsets[pb.S]);
+    dk = gk.finish(k_index, pb.k_offsets[pb.S]);
+    dv = gv.finish(k_index, pb.k_offsets[pb.S]);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace moga::cpu
+
+TORCH_LIBRARY_IMPL(moga, CPU, m) {
+  m.impl("segment_attention_fwd", &moga::cpu::segment_attention_fwd_cpu);
+  m.impl("segment_attention_bwd", &moga::cpu::segment_attention_bwd_cpu);
+}
