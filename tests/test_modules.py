@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
+import pickle
+import socket
+import time
+import traceback
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import moga.distributed
@@ -117,9 +125,64 @@ def test_sequence_parallel_group_goes_through_ulysses(monkeypatch):
     assert out.shape == (1, 10, 64)
 
 
+def _sequence_parallel_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank: the layer on this rank's shard vs the same layer on the whole sequence (same seed, weights)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    result = {}
+    try:
+        torch.manual_seed(0)
+        grid, dim, n = (4, 3, 4), 64, 48 // world
+        kwargs = dict(window=WindowSplit(2, 2, 2), frame_attention=True, context_frames=1, backend="torch")
+        full_layer = MoGAAttention(dim, 2, 3, **kwargs)
+        sp_layer = MoGAAttention(dim, 2, 3, sequence_parallel_group=dist.group.WORLD, **kwargs)
+        sp_layer.load_state_dict(full_layer.state_dict())
+        x, dout = torch.randn(2, 48, dim, requires_grad=True), torch.randn(2, 48, dim)
+        x_shard = x.detach()[:, rank * n : (rank + 1) * n].clone().requires_grad_(True)
+        full = full_layer(x, grid=grid, shot_starts=[1])
+        (full * dout).sum().backward()
+        shard = sp_layer(x_shard, grid=grid, shot_starts=[1])
+        (shard * dout[:, rank * n : (rank + 1) * n]).sum().backward()
+        router_grad = sp_layer.router.proj.weight.grad.clone()
+        dist.all_reduce(router_grad)  # each rank holds its tokens' share of the parameter gradient
+        result = dict(
+            out=rel_err(shard, full[:, rank * n : (rank + 1) * n]),
+            dx=rel_err(x_shard.grad, x.grad[:, rank * n : (rank + 1) * n]),
+            drouter=rel_err(router_grad, full_layer.router.proj.weight.grad),
+        )
+    except Exception:  # reported by the pytest side
+        result = dict(exception=traceback.format_exc())
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_static_branches_match_single_process(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    world = 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    ctx = mp.spawn(_sequence_parallel_worker, args=(world, port, str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("sequence-parallel children did not finish in 240 s")
+    for r in range(world):
+        with open(tmp_path / f"rank{r}.pkl", "rb") as f:
+            result = pickle.load(f)
+        assert "exception" not in result, result.get("exception")
+        for name in ("out", "dx", "drouter"):
+            assert result[name] < 1e-5, (r, name, result[name])
+
+
 def test_bad_configurations_raise():
-    with pytest.raises(ValueError, match="sequence_parallel_group"):
-        MoGAAttention(64, 2, 4, frame_attention=True, sequence_parallel_group=object())
     with pytest.raises(ValueError, match="num_heads"):
         MoGAAttention(65, 2, 4)
     with pytest.raises(ValueError, match="num_kv_heads"):

@@ -131,30 +131,39 @@ def moga_layer_attention(
         window: STGA window, fixed (wt, wh, ww) or a :class:`WindowSplit`; None disables STGA.
         frame_attention: add the per-frame branch (window (1, H, W), no context frames).
         shot_starts, context_frames: see :func:`moga.window_attention` (context applies to STGA only).
-        sequence_parallel_group: a process group: the routed branch runs through
-            :func:`moga.distributed.ulysses_moga_attention` (q, k, v, logits are this rank's shard).
-            Static branches are not supported with it yet.
+        sequence_parallel_group: a process group of P ranks: q, k, v and router_logits are this rank's
+            contiguous shard (B, N/P, ...) and so is the result (DeepSpeed-Ulysses). Without static branches
+            this is :func:`moga.distributed.ulysses_moga_attention`; with them, q, k, v are moved to head
+            shards once and every branch runs on the whole sequence. ``grid`` describes the whole sequence.
+            Hq and Hkv must be divisible by P.
 
     Returns: (B, N, Hq, D), dtype of q.
     """
     static = window is not None or frame_attention
+    if static and grid is None:
+        raise ValueError("grid=(T, H, W) is required when window or frame_attention is set")
     if sequence_parallel_group is not None:
-        if static:
-            raise ValueError(
-                "sequence_parallel_group cannot be combined with the static branches (window, frame_attention) "
-                "yet: they need the whole sequence on one rank"
-            )
-        from moga.distributed import ulysses_moga_attention  # lazy: torch.distributed is optional
+        # Imported lazily: torch.distributed is optional.
+        from moga.distributed import gather_sequence, heads_to_sequence, sequence_to_heads, ulysses_moga_attention
 
-        return ulysses_moga_attention(
-            q, k, v, router_logits, top_k=top_k, softmax_scale=softmax_scale, group=sequence_parallel_group,
-            backend=backend,
+        if not static:
+            return ulysses_moga_attention(
+                q, k, v, router_logits, top_k=top_k, softmax_scale=softmax_scale, group=sequence_parallel_group,
+                backend=backend,
+            )
+        # Ulysses for the whole layer: q, k, v move to head shards once and all branches share them (windows
+        # and frames need every token of the sequence); one all-to-all brings the mean back.
+        group = sequence_parallel_group
+        q_h, k_h, v_h = (sequence_to_heads(t, group) for t in (q, k, v))
+        out_h = moga_layer_attention(
+            q_h, k_h, v_h, gather_sequence(router_logits, group), top_k=top_k, grid=grid, window=window,
+            frame_attention=frame_attention, shot_starts=shot_starts, context_frames=context_frames,
+            softmax_scale=softmax_scale, backend=backend,
         )
+        return heads_to_sequence(out_h, group)
     out = moga_attention(q, k, v, router_logits, top_k=top_k, softmax_scale=softmax_scale, backend=backend)
     if not static:
         return out
-    if grid is None:
-        raise ValueError("grid=(T, H, W) is required when window or frame_attention is set")
     grid = tuple(grid)
     branches = [out]
     if window is not None:
@@ -189,11 +198,12 @@ class MoGAAttention(nn.Module):
         qk_norm: RMSNorm (eps 1e-6, learned scale) over the full q and k projections, as Wan 2.1.
         bias: bias of the q/k/v/output projections. router_bias: bias of the router.
         backend: segment-attention backend for every branch.
-        sequence_parallel_group: run the routed branch with Ulysses sequence parallelism over this group
-            (x is then this rank's contiguous shard); cannot be combined with static branches yet.
+        sequence_parallel_group: run with Ulysses sequence parallelism over this group: x is then this rank's
+            contiguous shard (B, N/P, dim) while ``grid`` and ``shot_starts`` describe the whole sequence.
 
     ``forward(x, grid=None, shot_starts=None, rotary_emb=None)``: x (B, N, dim) -> (B, N, dim). After each
-    call ``last_balance_loss`` holds the group balance loss (paper form, without alpha) of its routing.
+    call ``last_balance_loss`` holds the group balance loss (paper form, without alpha) of its routing (with
+    sequence parallelism: of this rank's tokens).
     """
 
     def __init__(
@@ -224,11 +234,6 @@ class MoGAAttention(nn.Module):
             window = check_window(window)
         if context_frames < 0:
             raise ValueError(f"context_frames must be >= 0, got {context_frames}")
-        if sequence_parallel_group is not None and (window is not None or frame_attention):
-            raise ValueError(
-                "sequence_parallel_group cannot be combined with window or frame_attention yet (see "
-                "docs/static_branches.md)"
-            )
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.num_groups, self.top_k = num_groups, top_k
