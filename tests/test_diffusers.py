@@ -42,6 +42,10 @@ def test_one_group_without_static_branches_leaves_output_unchanged():
         assert apply_moga(model, 1) is model
         got = model(**x).sample
     assert rel_err(got, want) < 1e-4
+    for block in model.blocks:  # Wan's fused q/k/v projection takes the to_qkv path of the processor
+        block.attn1.fuse_projections()
+    with torch.no_grad():
+        assert rel_err(model(**x).sample, want) < 1e-4
     assert all(isinstance(b.attn1.processor, MoGAWanAttnProcessor) for b in model.blocks)
     assert not any(isinstance(b.attn2.processor, MoGAWanAttnProcessor) for b in model.blocks)
 
