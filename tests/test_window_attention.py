@@ -73,6 +73,21 @@ def test_bfloat16_within_twice_the_error_of_pytorch_bfloat16(backend):
     assert rel_err(out, ref) <= 2 * rel_err(torch_bf16, ref)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_deterministic_is_bitwise_reproducible_with_context(backend):
+    grid, window = (5, 2, 4), (2, 2, 2)
+    q, k, v = qkv(1, 40, 2, 2, 32)
+    runs = []
+    for _ in range(2):
+        out = window_attention(
+            q, k, v, grid, window, shot_starts=[2], context_frames=2, backend=backend, deterministic=True
+        )
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        runs.append((out, *grads))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_per_frame_window_equals_group_attention_by_frame():
     """Per-frame attention is group attention with the frame index as the group id."""
     grid = (5, 3, 4)

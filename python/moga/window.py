@@ -182,6 +182,7 @@ def window_attention(
     context_frames: int = 0,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Spatio-temporal window attention over a latent video grid (the static branches of MoGA).
 
@@ -195,7 +196,8 @@ def window_attention(
             the previous shot and the c frames of the next shot nearest the shot boundaries, same spatial
             window.
         softmax_scale: defaults to D ** -0.5.
-        backend: see :func:`moga.group_attention`.
+        backend, deterministic: see :func:`moga.group_attention` (context rows are keys of several windows,
+            so their gradients accumulate: ``deterministic`` makes that accumulation reproducible).
 
     Returns: (B, N, Hq, D), dtype of q. Differentiable in q, k and v. The layout depends only on the
     arguments' host values and is cached, so repeated calls never synchronise with the GPU.
@@ -207,7 +209,7 @@ def window_attention(
     c = check_context_frames(context_frames)
     scale = softmax_scale_or_default(softmax_scale, D)
     layout = window_layout(g, win, shots, c, q.device, B)
-    return _run_segments(q, k, v, layout, scale, backend)[:, 0].view(q.shape)
+    return _run_segments(q, k, v, layout, scale, backend, deterministic)[:, 0].view(q.shape)
 
 
 def window_mask_ref(
