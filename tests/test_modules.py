@@ -67,13 +67,15 @@ def test_one_group_no_static_branch_is_plain_attention(qk_norm, kv_heads, use_ro
     assert layer.last_balance_loss is not None and torch.isfinite(layer.last_balance_loss)
 
 
+@pytest.mark.parametrize("top_k,kv_heads", [(1, None), (2, 1)])
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_three_branch_mean_matches_reference(backend):
+def test_three_branch_mean_matches_reference(backend, top_k, kv_heads):
     B, grid, dim, heads, M = 2, (4, 3, 4), 64, 2, 3
     N, shots, context = math.prod(grid), [1], 1
     window = WindowSplit(frames=2, rows=2, cols=2)
     layer = MoGAAttention(
-        dim, heads, M, window=window, frame_attention=True, context_frames=context, qk_norm=True, backend=backend
+        dim, heads, M, window=window, frame_attention=True, context_frames=context, qk_norm=True, backend=backend,
+        top_k=top_k, num_kv_heads=kv_heads,
     )
     x = torch.randn(B, N, dim, requires_grad=True)
     rotary = _rotary(N, dim // heads)
@@ -82,7 +84,7 @@ def test_three_branch_mean_matches_reference(backend):
     q, k, v, logits = _projections(layer, x, rotary)
     stga = window_attention_ref(q, k, v, grid, (2, 2, 2), shots, context)
     frame = window_attention_ref(q, k, v, grid, (1, 3, 4), shots, 0)
-    mean = (moga_attention_ref(q, k, v, logits) + stga + frame) / 3
+    mean = (moga_attention_ref(q, k, v, logits, top_k=top_k) + stga + frame) / 3
     want = F.linear(mean.reshape(B, N, dim), layer.to_out.weight.double(), layer.to_out.bias.double())
     assert rel_err(got, want) < 1e-5
 
