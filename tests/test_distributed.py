@@ -11,6 +11,7 @@ uses the whole tensors for the single-process result.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import pickle
 import socket
@@ -25,7 +26,14 @@ import torch.multiprocessing as mp
 
 import moga
 from moga import _alloc
-from moga.distributed import gather_sequence, ulysses_group_attention, ulysses_moga_attention
+from moga.distributed import (
+    gather_sequence,
+    heads_to_sequence,
+    qkv_to_heads,
+    sequence_to_heads,
+    ulysses_group_attention,
+    ulysses_moga_attention,
+)
 from tests.utils import rel_err
 
 TOL_FP32 = 1e-5
@@ -201,6 +209,62 @@ def _interop_case(world: int, rank: int) -> dict:
     return _compare(sharded, full, [q, k, v, logits], rank, world)
 
 
+def _interop_case_with(package: str, world: int, rank: int) -> dict:
+    """moga inside the real Ulysses wrapper of ``package`` ("deepspeed" or "yunchang"), when it is installed."""
+    if importlib.util.find_spec(package) is None:
+        return {"skipped": f"{package} is not installed"}
+    B, N, Hq, Hkv, D, M = 2, 4 * world, 2 * world, world, 8, 4
+    q, k, v = _qkv(B, N, Hq, Hkv, D, seed=41)
+    logits = torch.randn(B, N, M, generator=torch.Generator().manual_seed(42))
+
+    def local_attention(q, k, v, router_logits):
+        assert q.shape == (B, N, Hq // world, D), "the wrapper must hand over head-sharded full sequences"
+        return moga.moga_attention(q, k, v, router_logits, top_k=2, backend="torch")
+
+    if package == "deepspeed":
+        import deepspeed.comm
+        from deepspeed.sequence.layer import DistributedAttention
+
+        deepspeed.comm.init_distributed(dist_backend="gloo")  # adopts the initialised torch.distributed group
+        wrapper = DistributedAttention(local_attention, dist.group.WORLD, scatter_idx=2, gather_idx=1)
+
+        def sharded(q, k, v, x):  # batch-first (B, n, H, D): batch_dim_idx=0
+            return wrapper(q, k, v, 0, None, router_logits=gather_sequence(x))
+    else:
+        from yunchang.comm.all_to_all import SeqAllToAll4D
+
+        # yunchang's UlyssesAttention calls a built-in flash-attention kernel; its all-to-all is the hook.
+        def sharded(q, k, v, x):
+            q, k, v = (SeqAllToAll4D.apply(dist.group.WORLD, t, 2, 1) for t in (q, k, v))
+            out = local_attention(q, k, v, gather_sequence(x))
+            return SeqAllToAll4D.apply(dist.group.WORLD, out, 1, 2)
+
+    def full(q, k, v, x):
+        return moga.moga_attention(q, k, v, x, top_k=2, backend="torch")
+
+    return _compare(sharded, full, [q, k, v, logits], rank, world)
+
+
+def _helpers_case(world: int, rank: int) -> dict:
+    """The public collectives move exactly the documented slices (max abs differences, expected 0)."""
+    B, N, H, D = 2, 3 * world, 2 * world, 4
+    x = torch.randn(B, N, H, D, generator=torch.Generator().manual_seed(51))
+    y = torch.randn(B, N, world, D, generator=torch.Generator().manual_seed(52))
+    shard, h = _shard(x, rank, world), H // world
+    heads = sequence_to_heads(shard)  # all tokens, heads [rank * h, (rank + 1) * h)
+    q_h, k_h, v_h = qkv_to_heads(shard, _shard(y, rank, world), shard)
+    return {
+        "sequence_to_heads": (heads - x[:, :, rank * h : (rank + 1) * h]).abs().max().item(),
+        "qkv_to_heads": max(
+            (q_h - heads).abs().max().item(),
+            (k_h - y[:, :, rank : rank + 1]).abs().max().item(),
+            (v_h - heads).abs().max().item(),
+        ),
+        "heads_to_sequence": (heads_to_sequence(heads) - shard).abs().max().item(),
+        "gather_sequence": (gather_sequence(shard) - x).abs().max().item(),
+    }
+
+
 def _error(fn: Callable[[], object]) -> tuple[str, str] | None:
     try:
         fn()
@@ -250,7 +314,10 @@ def _cases(world: int) -> dict[str, Callable[[int], dict]]:
         "group_gqa_unique_ids": lambda r: _group_case(world, r, Hq=2 * world, Hkv=world, num_groups=None, seed=6),
         "strided_inputs": lambda r: _strided_case(world, r),
         "interop_emulated": lambda r: _interop_case(world, r),
+        "interop_deepspeed": lambda r: _interop_case_with("deepspeed", world, r),
+        "interop_yunchang": lambda r: _interop_case_with("yunchang", world, r),
         "errors": lambda r: _error_cases(world, r),
+        "helpers": lambda r: _helpers_case(world, r),
     }
     if world % 2 == 0 and world > 2:
         cases["subgroups"] = lambda r: _subgroup_case(world, r)
@@ -319,6 +386,8 @@ NUMERIC_CASES = {
     "group_gqa_unique_ids": ("out", "dq", "dk", "dv"),
     "strided_inputs": ("out", "dqkv", "dx"),
     "interop_emulated": WITH_LOGITS,
+    "interop_deepspeed": WITH_LOGITS,  # skipped unless deepspeed is installed
+    "interop_yunchang": WITH_LOGITS,  # skipped unless yunchang is installed
 }
 
 
@@ -328,6 +397,8 @@ def test_matches_single_process(records, case: str) -> None:
     world, per_rank = records
     for rank, results in enumerate(per_rank):
         res = results[case]
+        if "skipped" in res:
+            pytest.skip(res["skipped"])
         assert "exception" not in res, f"rank {rank}:\n{res.get('exception')}"
         assert res["nan"] == 0, f"rank {rank}: {res['nan']} unwritten (NaN) elements"
         expected = set(NUMERIC_CASES[case])
@@ -347,6 +418,15 @@ def test_subgroups(records) -> None:
         for key in ("out", "dq", "dk", "dv", "dx"):
             assert res[key] < TOL_FP32, f"rank {rank}: {key} rel err {res[key]:.2e}"
         assert res["nan"] == 0
+
+
+def test_collectives_move_the_documented_slices(records) -> None:
+    world, per_rank = records
+    for rank, results in enumerate(per_rank):
+        res = results["helpers"]
+        assert "exception" not in res, f"rank {rank}:\n{res.get('exception')}"
+        assert set(res) == {"sequence_to_heads", "qkv_to_heads", "heads_to_sequence", "gather_sequence"}
+        assert all(v == 0.0 for v in res.values()), f"rank {rank}: {res}"
 
 
 ERROR_EXPECTATIONS = {

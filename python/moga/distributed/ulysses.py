@@ -104,6 +104,20 @@ def sequence_to_heads(x: torch.Tensor, group: ProcessGroup = None) -> torch.Tens
     return _pack_to_heads([x], group)[0]
 
 
+def qkv_to_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sequence_to_heads` of q (B, N/P, Hq, D) and k, v (B, N/P, Hkv, D) in ONE all-to-all.
+
+    Returns q (B, N, Hq/P, D), k and v (B, N, Hkv/P, D): rank r holds q heads ``[r * Hq/P, (r + 1) * Hq/P)``
+    and kv heads ``[r * Hkv/P, (r + 1) * Hkv/P)``, so GQA's head map h -> h // (Hq/Hkv) stays local.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_4d(f"qkv_to_heads: {name}", t)
+    q_h, k_h, v_h = _pack_to_heads([q, k, v], group)
+    return q_h, k_h, v_h
+
+
 def heads_to_sequence(x: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
     """Head shard -> sequence shard. x (B, N, H/P, D) -> (B, N/P, H, D). Differentiable. N must be divisible by P."""
     _check_4d("heads_to_sequence", x)
@@ -141,6 +155,11 @@ def _pack_to_heads(tensors: list[torch.Tensor], group: ProcessGroup) -> list[tor
     """sequence_to_heads for several (B, n, H_i, D) tensors in ONE all-to-all (they share B, n, D)."""
     _, world = _world(group)
     B, n, _, D = tensors[0].shape
+    for t in tensors[1:]:
+        if (t.shape[0], t.shape[1], t.shape[3]) != (B, n, D):
+            raise ValueError(
+                f"qkv_to_heads: shapes {[tuple(t.shape) for t in tensors]} differ in batch, seqlen or headdim"
+            )
     heads = []
     for t in tensors:
         if t.shape[2] % world:
@@ -259,7 +278,7 @@ def ulysses_moga_attention(
     _agree("ulysses_moga_attention", group, check_local, q, check_shards)
     if world == 1:
         return moga_attention(q, k, v, router_logits, top_k=top_k, softmax_scale=softmax_scale, backend=backend)
-    q_h, k_h, v_h = _pack_to_heads([q, k, v], group)
+    q_h, k_h, v_h = qkv_to_heads(q, k, v, group)
     logits = gather_sequence(router_logits, group)  # (B, N, M), identical on every rank
     out = moga_attention(q_h, k_h, v_h, logits, top_k=top_k, softmax_scale=softmax_scale, backend=backend)
     return heads_to_sequence(out, group)
@@ -303,7 +322,7 @@ def ulysses_group_attention(
     _agree("ulysses_group_attention", group, check_local, q, check_shards)
     if world == 1:
         return group_attention(q, k, v, group_ids, softmax_scale=softmax_scale, num_groups=num_groups, backend=backend)
-    q_h, k_h, v_h = _pack_to_heads([q, k, v], group)
+    q_h, k_h, v_h = qkv_to_heads(q, k, v, group)
     ids = gather_sequence(group_ids, group)  # (B, N): integer, so no gradient flows through the gather
     out = group_attention(q_h, k_h, v_h, ids, softmax_scale=softmax_scale, num_groups=num_groups, backend=backend)
     return heads_to_sequence(out, group)
