@@ -59,6 +59,12 @@ def _run_segments(
     with deterministic_mode(deterministic):
         out_seg = impl.segment_attention(qf, kf, vf, routed.segments, scale)  # (T * top_k, Hq, D)
     keep_for_backward(out_seg, deterministic)
+    if not out_seg.requires_grad and torch.is_grad_enabled():
+        # With nothing to attend (N = 0, B = 0, all padding) a backend may return zeros built without reading
+        # q/k/v; tie them to the graph (adding an exact 0) so backward yields zero gradients instead of failing.
+        for t in (qf, kf, vf):
+            if t.requires_grad:
+                out_seg = out_seg + t[:0].sum()
     return out_seg[routed.position].view(B * N, routed.top_k, Hq, D)
 
 
