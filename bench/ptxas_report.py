@@ -121,8 +121,11 @@ def parse_ptxas(text: str, arch: str, source: str) -> list[KernelInfo]:
 
 def dynamic_smem_table(nvcc: str, workdir: str) -> dict[tuple[str, int], int]:
     """{(kernel base name, D): bytes}, evaluated by the C++ formulas the launchers use."""
-    lines = [f'  std::printf("%s %d %d\\n", "{k}", {d}, moga_cuda::{fn}({d}));' for k, fn in DYNAMIC_SMEM_FN.items()
-             for d in HEAD_DIMS]
+    lines = [
+        f'  std::printf("%s %d %d\\n", "{k}", {d}, moga_cuda::{fn}({d}));'
+        for k, fn in DYNAMIC_SMEM_FN.items()
+        for d in HEAD_DIMS
+    ]
     src = os.path.join(workdir, "smem_table.cu")
     exe = os.path.join(workdir, "smem_table")
     with open(src, "w") as f:
@@ -145,8 +148,19 @@ def compile_report(nvcc: str, sources: list[str] | None = None) -> list[KernelIn
         smem = dynamic_smem_table(nvcc, tmp)
         for src in sources:
             for arch in ARCHS:
-                cmd = [nvcc, "-std=c++17", "-O3", "--use_fast_math", f"-arch={arch}", "-Xptxas", "-v", "-c", src,
-                       "-o", os.path.join(tmp, "k.o")]
+                cmd = [
+                    nvcc,
+                    "-std=c++17",
+                    "-O3",
+                    "--use_fast_math",
+                    f"-arch={arch}",
+                    "-Xptxas",
+                    "-v",
+                    "-c",
+                    src,
+                    "-o",
+                    os.path.join(tmp, "k.o"),
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"nvcc failed on {src} for {arch}:\n{proc.stderr[-4000:]}")

@@ -1,0 +1,311 @@
+"""The compiled CUDA backend (csrc/cuda) against float64 references.
+
+GPU tests (marked ``gpu``) skip cleanly without a CUDA device and a CUDA build of ``moga._C``; on a lent GPU they
+check forward and dq/dk/dv/router gradients through the public functions, fp16 and bf16, D = 64 and 128, ragged,
+empty, singleton and padded groups, GQA, top_k = 2, sizes that are not multiples of the tiles, poisoned outputs,
+and the CUDA sort_by_segment against a stable torch.sort. The ptxas test runs anywhere nvcc is installed: it
+compiles csrc/cuda/*.cu for sm_80 and sm_90a and fails if a production attention kernel spills.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+import moga
+from moga import _ops
+from moga._alloc import poisoned_outputs
+from moga.backends import _compiled, get_backend
+from moga.layout import SegmentLayout
+from moga.reference import group_attention_ref, moga_attention_ref
+from tests.utils import as_double_leaves, rel_err
+
+DEVICE = "cuda"
+BACKEND = "cuda"
+HAS_CUDA_BACKEND = torch.cuda.is_available() and get_backend("cuda") is not None and get_backend("cuda").is_available()
+requires_cuda_backend = pytest.mark.skipif(
+    not HAS_CUDA_BACKEND, reason="needs a CUDA device and moga._C built with its CUDA part"
+)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _ptxas_report():
+    """bench/ptxas_report.py as a module (bench/ is not a package)."""
+    name = "moga_bench_ptxas_report"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", "ptxas_report.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up here
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+# ---- no GPU needed ---------------------------------------------------------------------------------------------
+
+
+def test_ptxas_parser_flags_spills_and_smem():
+    """The spill check can fail: a synthetic ptxas log with spills and oversized smem is reported."""
+    report = _ptxas_report()
+    log = (
+        "ptxas info    : Compiling entry function '_ZN9moga_cuda23segment_attn_fwd_kernelI6__halfLi128EEEvv' "
+        "for 'sm_80'\n"
+        "ptxas info    : Function properties for _ZN9moga_cuda23segment_attn_fwd_kernelI6__halfLi128EEEvv\n"
+        "    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 200000 bytes smem, 544 bytes cmem[0]\n"
+        "ptxas info    : Compiling entry function '_ZN9moga_cuda16tile_fill_kernelEv' for 'sm_80'\n"
+        "ptxas info    : Function properties for _ZN9moga_cuda16tile_fill_kernelEv\n"
+        "    0 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 31 registers, used 0 barriers\n"
+    )
+    rows = report.parse_ptxas(log, "sm_80", "x.cu")
+    by_base = {r.base: r for r in rows}
+    fwd = by_base["segment_attn_fwd_kernel"]
+    assert fwd.name == "segment_attn_fwd_kernel<fp16,D=128>" and fwd.production
+    assert (fwd.registers, fwd.spill_stores, fwd.spill_loads, fwd.static_smem) == (255, 12, 16, 200000)
+    assert not by_base["tile_fill_kernel"].production  # helper kernels are listed, not gated
+    found = report.problems(rows)
+    assert len(found) == 2 and "spills" in found[0] and "shared memory" in found[1]
+
+
+@pytest.mark.skipif(_ptxas_report().find_nvcc() is None, reason="nvcc not installed")
+def test_production_kernels_do_not_spill():
+    """Every production attention kernel compiles for sm_80 and sm_90a without spills and fits shared memory."""
+    report = _ptxas_report()
+    rows = report.compile_report(report.find_nvcc())
+    for arch in report.ARCHS:
+        prod = sorted(r.name for r in rows if r.production and r.arch == arch)
+        # fwd, dq, dkdv x fp16/bf16 x D = 64/128
+        assert len(prod) == 12, f"{arch}: expected 12 production kernels, got {prod}"
+        assert all(r.smem > 0 for r in rows if r.production and r.arch == arch), "dynamic smem not resolved"
+    assert report.problems(rows) == [], report.format_table(rows)
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    mod = get_backend("cuda")
+    assert mod is not None
+    t = torch.zeros(4, 2, 64, dtype=torch.float16)
+    assert "CUDA" in mod.unsupported_reason(t, t, t) or "cuda" in mod.unsupported_reason(t, t, t)
+    q, k, v = (torch.zeros(1, 4, 2, 64, dtype=torch.float16) for _ in range(3))
+    with pytest.raises(ValueError, match="cuda"):
+        moga.group_attention(q, k, v, torch.zeros(1, 4, dtype=torch.long), backend="cuda")
+
+
+# ---- GPU: helpers ----------------------------------------------------------------------------------------------
+
+
+def _rand_qkv(B, N, Hq, Hkv, D, dtype):
+    g = torch.Generator(device="cpu").manual_seed(B * 1000 + N + Hq + D)
+    mk = lambda h: torch.randn(B, N, h, D, generator=g).to(DEVICE, dtype).requires_grad_(True)  # noqa: E731
+    return mk(Hq), mk(Hkv), mk(Hkv)
+
+
+def _bound(dtype, torch_err):
+    """fp16: the project's 1e-3 (or 2x PyTorch's own error, if that is larger, for gradients); bf16: 2x the error
+    of the bf16 PyTorch (torch backend) implementation on the same inputs."""
+    return max(1e-3, 2 * torch_err) if dtype == torch.float16 else 2 * torch_err
+
+
+def _run(fn, leaves, dout):
+    """Output and input gradients of fn(*leaves) under poisoned kernel outputs."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    with poisoned_outputs():
+        out = fn(*leaves)
+        out.backward(dout.to(out.dtype))
+    return [out] + [t.grad for t in leaves]
+
+
+def _check_against_reference(fn_backend, ref_fn, leaves, names):
+    """fn_backend(backend, *leaves) on "cuda" and "torch" vs ref_fn(*float64 leaves); cuda within _bound."""
+    dbl = as_double_leaves(*leaves)
+    ref = ref_fn(*dbl)
+    dout = torch.randn_like(ref)
+    ref.backward(dout)
+    want = [ref] + [t.grad for t in dbl]
+    got = _run(lambda *x: fn_backend(BACKEND, *x), leaves, dout)
+    base = _run(lambda *x: fn_backend("torch", *x), leaves, dout)
+    dtype = leaves[0].dtype
+    for name, g, b, w in zip(["out"] + names, got, base, want, strict=True):
+        assert g.dtype == b.dtype and g.shape == w.shape, name
+        assert torch.isfinite(g).all(), f"{name}: non-finite entries (unwritten poisoned output?)"
+        err, torch_err = rel_err(g, w), rel_err(b, w)
+        assert err <= _bound(dtype, torch_err), f"{name}: rel err {err:.3e}, torch backend {torch_err:.3e}"
+
+
+def _group_ids(case, B, N):
+    """Group ids (B, N) exercising ragged, empty, singleton and padded groups; returns (ids, num_groups)."""
+    g = torch.Generator(device="cpu").manual_seed(N)
+    if case == "dense":  # one group = full attention
+        return torch.zeros(B, N, dtype=torch.long), 1
+    if case == "singletons":  # every token alone
+        return torch.arange(N).repeat(B, 1), N
+    # ragged: skewed sizes; group 3 never used (empty); token 5 alone in group 7; ~10% padding
+    probs = torch.tensor([0.45, 0.25, 0.15, 0.0, 0.1, 0.05, 0.0, 0.0])
+    ids = torch.multinomial(probs, B * N, replacement=True, generator=g).view(B, N)
+    ids[:, 5] = 7
+    ids[torch.rand(B, N, generator=g) < 0.1] = -1
+    return ids, 8
+
+
+# ---- GPU: attention --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize(
+    "case,B,N,Hq,Hkv", [("ragged", 2, 333, 4, 2), ("dense", 1, 130, 2, 2), ("singletons", 1, 70, 4, 1)]
+)
+def test_group_attention_matches_reference(dtype, D, case, B, N, Hq, Hkv):
+    ids, M = _group_ids(case, B, N)
+    ids = ids.to(DEVICE)
+    q, k, v = _rand_qkv(B, N, Hq, Hkv, D, dtype)
+    _check_against_reference(
+        lambda be, q, k, v: moga.group_attention(q, k, v, ids, num_groups=M, backend=be),
+        lambda q, k, v: group_attention_ref(q, k, v, ids),
+        [q, k, v],
+        ["dq", "dk", "dv"],
+    )
+    out = moga.group_attention(q, k, v, ids, num_groups=M, backend=BACKEND)
+    assert (out[ids < 0] == 0).all(), "padding queries must get exactly zero output"
+
+
+@pytest.mark.gpu
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moga_attention_matches_reference(dtype, D, top_k):
+    """Gated routed attention incl. the router gradient; top_k = 2 makes every token appear twice (atomics)."""
+    B, N, Hq, Hkv, M = 2, 200, 4, 2, 5
+    q, k, v = _rand_qkv(B, N, Hq, Hkv, D, dtype)
+    logits = (3 * torch.randn(B, N, M)).to(DEVICE).requires_grad_(True)
+    _check_against_reference(
+        lambda be, q, k, v, r: moga.moga_attention(q, k, v, r, top_k=top_k, backend=be),
+        lambda q, k, v, r: moga_attention_ref(q, k, v, r, top_k=top_k),
+        [q, k, v, logits],
+        ["dq", "dk", "dv", "drouter"],
+    )
+
+
+@pytest.mark.gpu
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_strided_qkv_views(dtype):
+    """q, k, v as views into one packed (B, N, 3, H, D) tensor: token/head strides that are not contiguous."""
+    B, N, H, D = 1, 257, 2, 128
+    packed = torch.randn(B, N, 3, H, D).to(DEVICE, dtype)
+    q, k, v = (packed[:, :, i].requires_grad_(True) for i in range(3))
+    ids = torch.randint(0, 3, (B, N)).to(DEVICE)
+    _check_against_reference(
+        lambda be, q, k, v: moga.group_attention(q, k, v, ids, num_groups=3, backend=be),
+        lambda q, k, v: group_attention_ref(q, k, v, ids),
+        [q, k, v],
+        ["dq", "dk", "dv"],
+    )
+
+
+@pytest.mark.gpu
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_ops_write_every_element(dtype):
+    """Direct op calls under poisoned outputs: positions past the last segment get zero rows and lse = -inf, and
+    tokens that no segment reads get zero gradients; nothing is left NaN. Also top_k-style repeated tokens."""
+    T, Hq, Hkv, D = 150, 4, 2, 64
+    q = torch.randn(T, Hq, D).to(DEVICE, dtype)
+    k, v = (torch.randn(T, Hkv, D).to(DEVICE, dtype) for _ in range(2))
+    # Segments: [0, 70) rows 0..69; an empty one; [70, 71) singleton; keys of segment 0 include repeated rows.
+    q_index = torch.cat([torch.arange(71), torch.tensor([140, 141])]).to(DEVICE)  # 2 tail positions
+    q_offsets = torch.tensor([0, 70, 70, 71]).to(DEVICE)
+    k_index = torch.cat([torch.arange(70), torch.arange(10), torch.tensor([70])]).to(DEVICE)
+    k_offsets = torch.tensor([0, 80, 80, 81]).to(DEVICE)
+    layout = SegmentLayout(q_index, q_offsets, k_index, k_offsets, num_tokens=T, q_unique=True, k_unique=False)
+    with poisoned_outputs():
+        out, lse = _compiled.fwd(q, k, v, layout, 0.125)
+        dout = torch.randn_like(out)
+        dq, dk, dv = _compiled.bwd(dout, q, k, v, out, lse, layout, 0.125)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out[71:] == 0).all() and torch.isneginf(lse[:, 71:]).all()
+    for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not g.isnan().any(), f"{name} has unwritten (NaN) entries"
+        assert (g[71:] == 0).all(), f"{name} of tokens no segment reads must be zero"
+    # Compare the segment rows with a float64 computation of the same layout.
+    for s, (qa, qb, ka, kb) in enumerate([(0, 70, 0, 80), (70, 71, 80, 81)]):
+        qs = q[q_index[qa:qb]].double()
+        ks = k[k_index[ka:kb]].double().repeat_interleave(Hq // Hkv, 1)
+        vs = v[k_index[ka:kb]].double().repeat_interleave(Hq // Hkv, 1)
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) * 0.125
+        ref = torch.einsum("hij,jhd->ihd", scores.softmax(-1), vs)
+        assert rel_err(out[qa:qb], ref) < 1e-2, f"segment {s}"
+        assert torch.allclose(lse[:, qa:qb].double(), scores.logsumexp(-1), atol=1e-2), f"segment {s} lse"
+
+
+@pytest.mark.gpu
+@requires_cuda_backend
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_long_sequence_65k(dtype):
+    """N = 65536 tokens in 16 routed groups, checked group by group against float64 attention."""
+    N, Hq, Hkv, D, M = 65536, 2, 1, 128, 16
+    q, k, v = _rand_qkv(1, N, Hq, Hkv, D, dtype)
+    ids = torch.randint(0, M, (1, N)).to(DEVICE)
+    out = moga.group_attention(q, k, v, ids, num_groups=M, backend=BACKEND)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    torch_out = moga.group_attention(q.detach(), k.detach(), v.detach(), ids, num_groups=M, backend="torch")
+    for m in range(M):
+        rows = (ids[0] == m).nonzero().squeeze(1)
+        qm, km, vm = (t.detach()[0, rows].double().requires_grad_(True) for t in (q, k, v))
+        probs = (torch.einsum("ihd,jhd->hij", qm, km.repeat_interleave(Hq // Hkv, 1)) * D**-0.5).softmax(-1)
+        ref = torch.einsum("hij,jhd->ihd", probs, vm.repeat_interleave(Hq // Hkv, 1))
+        ref.backward(dout[0, rows].double())
+        bound = _bound(dtype, rel_err(torch_out[0, rows], ref))
+        assert rel_err(out[0, rows], ref) <= bound, f"group {m} out"
+        for name, got, want in (("dq", q.grad, qm.grad), ("dk", k.grad, km.grad), ("dv", v.grad, vm.grad)):
+            assert rel_err(got[0, rows], want) < 2e-2, f"group {m} {name}"
+
+
+# ---- GPU: sort_by_segment --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and _ops.ops_available("cuda", "sort_by_segment")),
+    reason="needs a CUDA device and moga._C built with its CUDA part",
+)
+@pytest.mark.parametrize("L,S", [(0, 3), (1, 1), (1000, 7), (65536, 1000), (1 << 20, 40), (70000, 200000)])
+def test_sort_by_segment_matches_stable_sort(L, S):
+    g = torch.Generator(device="cpu").manual_seed(L + S)
+    keys = torch.randint(-1, S, (L,), generator=g)  # -1: excluded
+    keys[torch.rand(L, generator=g) < 0.05] = -7
+    order, offsets = torch.ops.moga.sort_by_segment(keys.to(DEVICE), S)
+    sort_key = torch.where(keys < 0, torch.full_like(keys, S), keys)
+    want_order = torch.sort(sort_key, stable=True).indices
+    counts = torch.bincount(sort_key, minlength=S + 1)[:S]
+    want_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    assert order.dtype == torch.int64 and offsets.dtype == torch.int64
+    assert torch.equal(order.cpu(), want_order)
+    assert torch.equal(offsets.cpu(), want_offsets)
+
+
+# ---- GPU: argument checks --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@requires_cuda_backend
+def test_rejects_unsupported_inputs():
+    ids = torch.zeros(1, 8, dtype=torch.long, device=DEVICE)
+    for dtype, D, match in ((torch.float32, 64, "float16 and bfloat16"), (torch.float16, 96, "head dim 96")):
+        q = torch.zeros(1, 8, 2, D, dtype=dtype, device=DEVICE)
+        with pytest.raises(ValueError, match=match):
+            moga.group_attention(q, q, q, ids, num_groups=1, backend="cuda")
+    q = torch.zeros(8, 2, 64, device=DEVICE)  # fp32 straight into the op: a clear error, not garbage
+    idx = torch.arange(8, device=DEVICE)
+    off = torch.tensor([0, 8], device=DEVICE)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        torch.ops.moga.segment_attention_fwd(q, q, q, idx, off, idx, off, 0.125)
