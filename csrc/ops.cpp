@@ -1,6 +1,7 @@
 // The moga operator library: schema definitions (the only TORCH_LIBRARY(moga, m) block), the shared argument
 // checks and output allocation of csrc/ops.h, and the Python module moga._C (loading it registers the ops).
-// Device implementations register with TORCH_LIBRARY_IMPL(moga, CPU / CUDA, m) in csrc/cpu and csrc/cuda.
+// Bad arguments raise c10::TypeError (dtype) or c10::ValueError (anything else): TypeError / ValueError in
+// Python. Device implementations register with TORCH_LIBRARY_IMPL(moga, CPU / CUDA, m) in csrc/cpu and csrc/cuda.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -16,18 +17,18 @@ namespace {
 std::atomic<bool> g_poison{false};
 
 void check_index_tensor(const at::Tensor& t, const char* name, c10::DeviceType device) {
-  TORCH_CHECK(t.dim() == 1, "moga: ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kLong, "moga: ", name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.device().type() == device, "moga: ", name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 1, "moga: ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "moga: ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().type() == device, "moga: ", name, " must be on ", device, ", got ", t.device());
 }
 
 void check_float_tensor(const at::Tensor& t, const char* name, c10::DeviceType device) {
-  TORCH_CHECK(t.dim() == 3, "moga: ", name, " must have shape (tokens, heads, headdim), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 3, "moga: ", name, " must have shape (tokens, heads, headdim), got ", t.sizes());
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "moga: ", name,
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "moga: ", name,
               " must be float16, bfloat16, float32 or float64, got ", st);
-  TORCH_CHECK(t.device().type() == device, "moga: ", name, " must be on ", device, ", got ", t.device());
-  TORCH_CHECK(t.size(2) == 0 || t.stride(2) == 1, "moga: ", name,
+  TORCH_CHECK_VALUE(t.device().type() == device, "moga: ", name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK_VALUE(t.size(2) == 0 || t.stride(2) == 1, "moga: ", name,
               " must have a contiguous last dimension (stride 1), got strides ", t.strides());
 }
 
@@ -43,7 +44,7 @@ at::Tensor empty_output(c10::IntArrayRef sizes, const at::TensorOptions& options
 
 void check_sort_by_segment_args(const at::Tensor& keys, int64_t num_segments, c10::DeviceType device) {
   check_index_tensor(keys, "keys", device);
-  TORCH_CHECK(num_segments >= 0, "moga: num_segments must be >= 0, got ", num_segments);
+  TORCH_CHECK_VALUE(num_segments >= 0, "moga: num_segments must be >= 0, got ", num_segments);
 }
 
 void check_segment_attention_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -53,26 +54,26 @@ void check_segment_attention_fwd_args(const at::Tensor& q, const at::Tensor& k, 
   check_float_tensor(q, "q", device);
   check_float_tensor(k, "k", device);
   check_float_tensor(v, "v", device);
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "moga: q, k, v must share a dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ",
               v.scalar_type());
-  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "moga: q, k, v must be on one device, got q ",
+  TORCH_CHECK_VALUE(q.device() == k.device() && q.device() == v.device(), "moga: q, k, v must be on one device, got q ",
               q.device(), ", k ", k.device(), ", v ", v.device());
-  TORCH_CHECK(k.sizes() == v.sizes(), "moga: k and v must have the same shape, got k ", k.sizes(), " and v ",
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "moga: k and v must have the same shape, got k ", k.sizes(), " and v ",
               v.sizes());
-  TORCH_CHECK(q.size(2) == k.size(2), "moga: q and k must have the same headdim, got q ", q.sizes(), " and k ",
+  TORCH_CHECK_VALUE(q.size(2) == k.size(2), "moga: q and k must have the same headdim, got q ", q.sizes(), " and k ",
               k.sizes());
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "moga: q heads (", q.size(1),
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "moga: q heads (", q.size(1),
               ") must be a positive multiple of k/v heads (", k.size(1), ")");
   check_index_tensor(q_index, "q_index", device);
   check_index_tensor(q_offsets, "q_offsets", device);
   check_index_tensor(k_index, "k_index", device);
   check_index_tensor(k_offsets, "k_offsets", device);
-  TORCH_CHECK(q_offsets.numel() >= 1, "moga: q_offsets must have S + 1 >= 1 entries, got shape ",
+  TORCH_CHECK_VALUE(q_offsets.numel() >= 1, "moga: q_offsets must have S + 1 >= 1 entries, got shape ",
               q_offsets.sizes());
-  TORCH_CHECK(q_offsets.numel() == k_offsets.numel(), "moga: q_offsets and k_offsets must both have S + 1 entries, got ",
+  TORCH_CHECK_VALUE(q_offsets.numel() == k_offsets.numel(), "moga: q_offsets and k_offsets must both have S + 1 entries, got ",
               q_offsets.sizes(), " and ", k_offsets.sizes());
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "moga: scale must be a positive finite number, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "moga: scale must be a positive finite number, got ", scale);
 }
 
 void check_segment_attention_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -84,16 +85,16 @@ void check_segment_attention_bwd_args(const at::Tensor& dout, const at::Tensor& 
   const int64_t Lq = q_index.numel(), Hq = q.size(1), D = q.size(2);
   check_float_tensor(dout, "dout", device);
   check_float_tensor(out, "out", device);
-  TORCH_CHECK(dout.sizes() == c10::IntArrayRef({Lq, Hq, D}), "moga: dout must have shape (Lq, Hq, D) = (", Lq, ", ",
+  TORCH_CHECK_VALUE(dout.sizes() == c10::IntArrayRef({Lq, Hq, D}), "moga: dout must have shape (Lq, Hq, D) = (", Lq, ", ",
               Hq, ", ", D, "), got ", dout.sizes());
-  TORCH_CHECK(out.sizes() == dout.sizes(), "moga: out must have shape (Lq, Hq, D) = (", Lq, ", ", Hq, ", ", D,
+  TORCH_CHECK_VALUE(out.sizes() == dout.sizes(), "moga: out must have shape (Lq, Hq, D) = (", Lq, ", ", Hq, ", ", D,
               "), got ", out.sizes());
-  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "moga: dout and out must have the dtype of q (", q.scalar_type(), "), got dout ", dout.scalar_type(),
               " and out ", out.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "moga: lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK(lse.device().type() == device, "moga: lse must be on ", device, ", got ", lse.device());
-  TORCH_CHECK(lse.sizes() == c10::IntArrayRef({Hq, Lq}), "moga: lse must have shape (Hq, Lq) = (", Hq, ", ", Lq,
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "moga: lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.device().type() == device, "moga: lse must be on ", device, ", got ", lse.device());
+  TORCH_CHECK_VALUE(lse.sizes() == c10::IntArrayRef({Hq, Lq}), "moga: lse must have shape (Hq, Lq) = (", Hq, ", ", Lq,
               "), got ", lse.sizes());
 }
 

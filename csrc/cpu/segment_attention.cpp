@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
@@ -66,15 +67,15 @@ void for_each_item(int64_t n, const Workspace& prototype, const Body& body) {
 // the positions; every index read by a segment names an existing token row.
 void check_layout_contents(const int64_t* index, const int64_t* offsets, int64_t S, int64_t L, int64_t T,
                            const char* index_name, const char* offsets_name) {
-  TORCH_CHECK(offsets[0] == 0, "moga: ", offsets_name, "[0] must be 0, got ", offsets[0]);
+  TORCH_CHECK_VALUE(offsets[0] == 0, "moga: ", offsets_name, "[0] must be 0, got ", offsets[0]);
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(offsets[s + 1] >= offsets[s], "moga: ", offsets_name, " must be non-decreasing, got ",
+    TORCH_CHECK_VALUE(offsets[s + 1] >= offsets[s], "moga: ", offsets_name, " must be non-decreasing, got ",
                 offsets_name, "[", s, "] = ", offsets[s], " > ", offsets_name, "[", s + 1, "] = ", offsets[s + 1]);
   }
-  TORCH_CHECK(offsets[S] <= L, "moga: ", offsets_name, "[S] = ", offsets[S], " exceeds the number of positions ", L,
+  TORCH_CHECK_VALUE(offsets[S] <= L, "moga: ", offsets_name, "[S] = ", offsets[S], " exceeds the number of positions ", L,
               " of ", index_name);
   for (int64_t p = 0; p < offsets[S]; ++p) {
-    TORCH_CHECK(index[p] >= 0 && index[p] < T, "moga: ", index_name, "[", p, "] = ", index[p],
+    TORCH_CHECK_VALUE(index[p] >= 0 && index[p] < T, "moga: ", index_name, "[", p, "] = ", index[p],
                 " is not a token row in [0, ", T, ")");
   }
 }
@@ -139,9 +140,10 @@ struct FwdWorkspace {
       : q(rows * D), k(keys * D), v(keys * D), s(rows * keys), acc(rows * D), m(rows), l(rows) {}
 };
 
-template <typename scalar_t, typename acc_t>
+// lse_t: float for the op's output; acc_t (double) when the fp64 backward recomputes lse at full precision.
+template <typename scalar_t, typename acc_t, typename lse_t>
 void forward_tile(const Problem<scalar_t, acc_t>& pb, const Tile& tile, int64_t hk, FwdWorkspace<acc_t>& ws,
-                  scalar_t* out, float* lse) {
+                  scalar_t* out, lse_t* lse) {
   const int64_t D = pb.D, G = pb.G, bm = tile.len, R = G * bm;
   const int64_t ka = pb.k_offsets[tile.segment], kb = pb.k_offsets[tile.segment + 1];
   const int64_t* q_idx = pb.q_index + tile.start;
@@ -150,7 +152,7 @@ void forward_tile(const Problem<scalar_t, acc_t>& pb, const Tile& tile, int64_t 
       const int64_t h = hk * G + g;
       for (int64_t i = 0; i < bm; ++i) {
         std::fill_n(out + ((tile.start + i) * pb.Hq + h) * D, D, scalar_t(0));
-        lse[h * pb.Lq + tile.start + i] = -std::numeric_limits<float>::infinity();
+        lse[h * pb.Lq + tile.start + i] = -std::numeric_limits<lse_t>::infinity();
       }
     }
     return;
@@ -188,9 +190,20 @@ void forward_tile(const Problem<scalar_t, acc_t>& pb, const Tile& tile, int64_t 
       const acc_t* p_acc = ws.acc.data() + r * D;
       scalar_t* p_out = out + (pos * pb.Hq + h) * D;
       for (int64_t d = 0; d < D; ++d) p_out[d] = static_cast<scalar_t>(p_acc[d] * inv_l);
-      lse[h * pb.Lq + pos] = static_cast<float>(ws.m[r] + std::log(ws.l[r]));
+      lse[h * pb.Lq + pos] = static_cast<lse_t>(ws.m[r] + std::log(ws.l[r]));
     }
   }
+}
+
+// out (Lq, Hq, D) and lse (Hq, Lq) of every position inside a segment (the caller fills the tail).
+template <typename scalar_t, typename acc_t, typename lse_t>
+void run_forward(const Problem<scalar_t, acc_t>& pb, scalar_t* out, lse_t* lse) {
+  const std::vector<Tile> tiles = make_tiles(pb.q_offsets, pb.S, pb.query_tile);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  for_each_item(n_tiles * pb.Hkv, FwdWorkspace<acc_t>(pb.G * pb.query_tile, kKeyTile, pb.D),
+                [&](int64_t item, FwdWorkspace<acc_t>& ws) {
+                  forward_tile(pb, tiles[item / pb.Hkv], item % pb.Hkv, ws, out, lse);
+                });
 }
 
 std::tuple<at::Tensor, at::Tensor> segment_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -207,14 +220,7 @@ std::tuple<at::Tensor, at::Tensor> segment_attention_fwd_cpu(const at::Tensor& q
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "moga_segment_attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto pb = make_problem<scalar_t, acc_t>(q, k, v, q_index, q_offsets, k_index, k_offsets, scale);
-    scalar_t* p_out = out.data_ptr<scalar_t>();
-    float* p_lse = lse.data_ptr<float>();
-    const std::vector<Tile> tiles = make_tiles(pb.q_offsets, pb.S, pb.query_tile);
-    const int64_t n_tiles = static_cast<int64_t>(tiles.size());
-    for_each_item(n_tiles * pb.Hkv, FwdWorkspace<acc_t>(pb.G * pb.query_tile, kKeyTile, D),
-                  [&](int64_t item, FwdWorkspace<acc_t>& ws) {
-                    forward_tile(pb, tiles[item / pb.Hkv], item % pb.Hkv, ws, p_out, p_lse);
-                  });
+    run_forward(pb, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
     // Positions past the last segment: zero output, no keys.
     const int64_t tail = pb.q_offsets[pb.S];
     out.narrow(0, tail, Lq - tail).zero_();
@@ -248,7 +254,7 @@ template <typename scalar_t, typename acc_t>
 struct Backward {
   const Problem<scalar_t, acc_t>& pb;
   Rows<scalar_t> dout;      // (Lq, Hq, D) in position space
-  const float* lse;         // (Hq, Lq)
+  const acc_t* lse;         // (Hq, Lq)
   const acc_t* delta;       // (Hq, Lq): rowsum(dout * out)
 
   // Stack the query-side rows of a query tile for kv head hk: scaled q, dout, lse, delta. Returns R.
@@ -389,7 +395,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd_cpu(
     const auto pb = make_problem<scalar_t, acc_t>(q, k, v, q_index, q_offsets, k_index, k_offsets, scale);
     // delta[h, pos] = sum_d dout * out, in acc_t: (Hq, Lq).
     const at::Tensor delta = (dout_in.to(acc_dtype) * out.to(acc_dtype)).sum(-1).t().contiguous();
-    const Backward<scalar_t, acc_t> bw{pb, rows_of<scalar_t>(dout_in), lse.const_data_ptr<float>(),
+    // The op's lse is float32; for fp64 inputs P = exp(S - lse) would then carry float32 error, so recompute
+    // lse in double (one extra pass of QK^T, fp64 only).
+    at::Tensor lse_acc = lse;
+    if constexpr (std::is_same_v<acc_t, double>) {
+      lse_acc = at::empty({Hq, Lq}, q.options().dtype(at::kDouble));
+      at::Tensor scratch_out = at::empty({Lq, Hq, D}, q.options());
+      run_forward(pb, scratch_out.data_ptr<scalar_t>(), lse_acc.data_ptr<acc_t>());
+    }
+    const Backward<scalar_t, acc_t> bw{pb, rows_of<scalar_t>(dout_in), lse_acc.const_data_ptr<acc_t>(),
                                        delta.const_data_ptr<acc_t>()};
     GradTarget<scalar_t, acc_t> gq(q.size(0), Lq, Hq, D, q_unique, q_index, q.options());
     GradTarget<scalar_t, acc_t> gk(k.size(0), Lk, Hkv, D, k_unique, k_index, k.options());

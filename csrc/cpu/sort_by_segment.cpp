@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> sort_by_segment_cpu(const at::Tensor& keys_in
     }
   });
   const int64_t bad = bad_key_at.load();
-  TORCH_CHECK(bad < 0, "moga: keys must be < num_segments = ", S, " (or negative to exclude), got keys[", bad,
+  TORCH_CHECK_VALUE(bad < 0, "moga: keys must be < num_segments = ", S, " (or negative to exclude), got keys[", bad,
               "] = ", bad >= 0 ? keys[bad] : 0);
 
   int64_t running = 0;

@@ -1,0 +1,106 @@
+"""Microbenchmark of the compiled "cpu" backend against dense SDPA and the naive per-group recipe.
+
+Default problem (the CPU performance target): fp32, B=1, H=4, D=64, N=16384, M=8 balanced groups (random
+assignment). Reports the median of --repeats timed runs after one warm-up, for the forward and for
+forward+backward, and the speed-up of the cpu backend over each baseline. The machine may be shared: the median
+is the number to read, and the min/max spread is printed beside it.
+
+    python bench/bench_cpu_segment_attention.py [--n 16384] [--heads 4] [--dim 64] [--groups 8] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import moga
+
+
+def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ids: torch.Tensor, M: int) -> torch.Tensor:
+    """Full attention over all N tokens (what MoGA replaces). (B, N, H, D) -> (B, N, H, D)."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def naive_recipe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ids: torch.Tensor, M: int) -> torch.Tensor:
+    """argsort by group, gather, one SDPA call per group, scatter back (B = 1)."""
+    order = torch.argsort(group_ids[0], stable=True)
+    sizes = torch.bincount(group_ids[0], minlength=M).tolist()
+    qs, ks, vs = (t[0, order].transpose(0, 1) for t in (q, k, v))  # [H, N, D] in group order
+    pieces = [
+        F.scaled_dot_product_attention(qg, kg, vg)
+        for qg, kg, vg in zip(qs.split(sizes, 1), ks.split(sizes, 1), vs.split(sizes, 1), strict=True)
+    ]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return torch.cat(pieces, 1).transpose(0, 1)[inverse].unsqueeze(0)
+
+
+def cpu_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ids: torch.Tensor, M: int) -> torch.Tensor:
+    return moga.group_attention(q, k, v, group_ids, num_groups=M, backend="cpu")
+
+
+def time_median(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def _report(name: str, phase: str, median: float, lo: float, hi: float) -> None:
+    print(f"  {name:13s} {phase:8s} median {median * 1e3:9.1f} ms  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--skip-dense", action="store_true", help="skip the (slow) dense baseline")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    N, H, D, M = args.n, args.heads, args.dim, args.groups
+    q, k, v = (torch.randn(1, N, H, D, dtype=dtype) for _ in range(3))
+    group_ids = (torch.arange(N) % M)[torch.randperm(N)].view(1, N)  # balanced: N / M tokens per group
+    dout = torch.randn(1, N, H, D, dtype=dtype)
+
+    impls = {"dense sdpa": dense_sdpa, "naive recipe": naive_recipe, "cpu backend": cpu_backend}
+    if args.skip_dense:
+        del impls["dense sdpa"]
+    with torch.no_grad():
+        ref = naive_recipe(q.float(), k.float(), v.float(), group_ids, M)
+        err = ((cpu_backend(q, k, v, group_ids, M).float() - ref).norm() / ref.norm()).item()
+    print(f"N={N} H={H} D={D} M={M} {args.dtype}, threads={torch.get_num_threads()}, repeats={args.repeats}")
+    print(f"cpu backend vs naive recipe: relative error {err:.2e}")
+
+    results: dict[tuple[str, str], float] = {}
+    for name, fn in impls.items():
+        with torch.no_grad():
+            results[name, "fwd"], lo, hi = time_median(lambda fn=fn: fn(q, k, v, group_ids, M), args.repeats)
+        _report(name, "fwd", results[name, "fwd"], lo, hi)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+
+        def fwd_bwd(fn=fn, leaves=leaves) -> None:
+            fn(*leaves, group_ids, M).backward(dout)
+
+        results[name, "fwd+bwd"], lo, hi = time_median(fwd_bwd, args.repeats)
+        _report(name, "fwd+bwd", results[name, "fwd+bwd"], lo, hi)
+    for base in [b for b in impls if b != "cpu backend"]:
+        for phase in ("fwd", "fwd+bwd"):
+            ratio = results[base, phase] / results["cpu backend", phase]
+            print(f"speed-up of cpu backend over {base:12s} {phase:8s} {ratio:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""The compiled CPU operators (moga._C, csrc/cpu) and the "cpu" backend against float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import moga
+from moga import _alloc, _ops
+from moga.backends import cpu_backend, torch_backend
+from moga.layout import SegmentLayout, routed_layout
+from moga.reference import group_attention_ref, moga_attention_ref
+from tests.utils import TOL, as_double_leaves, qkv, rel_err
+
+pytestmark = pytest.mark.skipif(not cpu_backend.is_available(), reason=f"moga._C not built: {_ops.load_error()}")
+
+ops = torch.ops.moga if _ops.ops_available("cpu") else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sort_by_segment
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sort_ref(keys: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sort_key = torch.where(keys < 0, S, keys)
+    order = torch.sort(sort_key, stable=True).indices
+    counts = torch.bincount(sort_key, minlength=S + 1)[:S]
+    return order, torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+
+
+@pytest.mark.parametrize(
+    "L, S, low",
+    [
+        (1000, 7, -3),  # random keys with excluded (negative) entries
+        (500, 40, 0),  # many empty segments
+        (0, 5, 0),  # no entries
+        (7, 0, -2),  # no segments: everything excluded
+        (300_000, 13, -1),  # large enough for several parallel chunks
+    ],
+)
+def test_sort_by_segment_matches_stable_sort(L: int, S: int, low: int) -> None:
+    keys = torch.randint(low, max(S, 1), (L,), dtype=torch.int64) if S > 0 else torch.randint(low, 0, (L,))
+    order, offsets = ops.sort_by_segment(keys, S)
+    ref_order, ref_offsets = _sort_ref(keys, S)
+    assert torch.equal(order, ref_order)
+    assert torch.equal(offsets, ref_offsets)
+
+
+def test_sort_by_segment_only_some_segments_used() -> None:
+    keys = torch.tensor([5, 0, 5, -1, 0, 5], dtype=torch.int64)
+    order, offsets = ops.sort_by_segment(keys, 8)
+    assert order.tolist() == [1, 4, 0, 2, 5, 3]
+    assert offsets.tolist() == [0, 2, 2, 2, 2, 2, 5, 5, 5]
+
+
+def test_layout_sort_dispatches_to_the_op() -> None:
+    groups = torch.randint(-1, 6, (2, 50, 2))
+    routed = routed_layout(groups, 6)
+    keys = torch.where(groups < 0, -1, groups + torch.arange(2).view(2, 1, 1) * 6).reshape(-1)
+    ref_order, ref_offsets = _sort_ref(keys, 12)
+    assert torch.equal(routed.segments.q_offsets, ref_offsets)
+    assert torch.equal(routed.segments.q_index, torch.div(ref_order, 2, rounding_mode="floor"))
+
+
+def test_sort_by_segment_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="keys must be < num_segments"):
+        ops.sort_by_segment(torch.tensor([0, 3]), 3)
+    with pytest.raises(TypeError, match="keys must be int64"):
+        ops.sort_by_segment(torch.tensor([0, 1], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="keys must be 1-D"):
+        ops.sort_by_segment(torch.zeros(2, 2, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match="num_segments"):
+        ops.sort_by_segment(torch.tensor([0]), -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# segment attention ops on explicit layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _segment_attention_ref(q, k, v, layout: SegmentLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Literal per-segment softmax attention in float64: out (Lq, Hq, D), lse (Hq, Lq). Differentiable."""
+    Lq, Hq, D = layout.q_index.numel(), q.shape[1], q.shape[2]
+    G = Hq // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    outs, lses = [], []
+    qo, ko = layout.q_offsets.tolist(), layout.k_offsets.tolist()
+    for s in range(len(qo) - 1):
+        qs = q[layout.q_index[qo[s] : qo[s + 1]]]  # [n, Hq, D]
+        ks, vs = k[layout.k_index[ko[s] : ko[s + 1]]], v[layout.k_index[ko[s] : ko[s + 1]]]  # [m, Hq, D]
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) * scale
+        if ks.shape[0] == 0:
+            outs.append(torch.zeros_like(qs))
+            lses.append(torch.full((Hq, qs.shape[0]), -math.inf, dtype=torch.float64))
+            continue
+        outs.append(torch.einsum("hij,jhd->ihd", torch.softmax(scores, -1), vs))
+        lses.append(torch.logsumexp(scores, -1))
+    tail = Lq - qo[-1]
+    outs.append(torch.zeros(tail, Hq, D, dtype=torch.float64))
+    lses.append(torch.full((Hq, tail), -math.inf, dtype=torch.float64))
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def _layout(T: int, q_sizes, k_sizes, q_tail: int = 0, k_repeat: bool = False) -> SegmentLayout:
+    """Segments of the given sizes over a random token order; q_tail unused positions after the last segment.
+
+    k_repeat: keys are the segment's queries plus extra context rows drawn at random (tokens repeat)."""
+    perm = torch.randperm(T)
+    Lq = sum(q_sizes) + q_tail
+    q_index = perm[:Lq]
+    q_offsets = torch.tensor([0, *torch.tensor(q_sizes).cumsum(0).tolist()], dtype=torch.int64)
+    if k_repeat:
+        k_index = torch.randint(0, T, (sum(k_sizes),))
+    else:
+        k_index = perm[: sum(k_sizes)]
+    k_offsets = torch.tensor([0, *torch.tensor(k_sizes).cumsum(0).tolist()], dtype=torch.int64)
+    return SegmentLayout(q_index, q_offsets, k_index, k_offsets, T, q_unique=True, k_unique=not k_repeat)
+
+
+LAYOUTS = {
+    # ragged sizes, an empty segment, a singleton, sizes not multiples of any tile, unused tail positions
+    "ragged": dict(T=700, q_sizes=[300, 0, 1, 129, 17], k_sizes=[300, 0, 1, 129, 17], q_tail=40),
+    "one_segment": dict(T=333, q_sizes=[333], k_sizes=[333]),
+    # keys differ from queries: extra context keys repeated across segments, a query segment with no keys
+    "context_keys": dict(T=400, q_sizes=[100, 50, 7], k_sizes=[260, 0, 31], q_tail=3, k_repeat=True),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("Hq, Hkv, D", [(2, 2, 64), (4, 1, 40), (6, 3, 16)])
+def test_ops_match_reference_fp32(name: str, Hq: int, Hkv: int, D: int) -> None:
+    spec = LAYOUTS[name]
+    layout = _layout(**spec)
+    T, scale = spec["T"], D**-0.5 * 1.3
+    q, k, v = torch.randn(T, Hq, D), torch.randn(T, Hkv, D), torch.randn(T, Hkv, D)
+    with _alloc.poisoned_outputs():
+        _ops.sync_poison_outputs()
+        out, lse = ops.segment_attention_fwd(
+            q, k, v, layout.q_index, layout.q_offsets, layout.k_index, layout.k_offsets, scale
+        )
+        q64, k64, v64 = as_double_leaves(q, k, v)
+        ref, ref_lse = _segment_attention_ref(q64, k64, v64, layout, scale)
+        assert rel_err(out, ref) < TOL[torch.float32]
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite)
+        assert rel_err(lse[finite], ref_lse[finite]) < TOL[torch.float32]
+        dout = torch.randn_like(out)
+        grads = ops.segment_attention_bwd(
+            dout, q, k, v, out, lse, layout.q_index, layout.q_offsets, layout.k_index, layout.k_offsets,
+            scale, layout.q_unique, layout.k_unique,
+        )  # fmt: skip
+    _ops.sync_poison_outputs()
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for g, r, n in zip(grads, ref_grads, "qkv", strict=True):
+        assert not g.isnan().any(), f"d{n} has unwritten (NaN) elements"
+        assert rel_err(g, r) < TOL[torch.float32], f"d{n}"
+    assert not out.isnan().any() and not lse.isnan().any()
+
+
+def test_ops_float64_match_reference_exactly() -> None:
+    spec = LAYOUTS["ragged"]
+    layout = _layout(**spec)
+    q, k, v = as_double_leaves(*(torch.randn(spec["T"], 4, 32) for _ in range(3)))
+    k, v = as_double_leaves(k[:, :2], v[:, :2])
+    out = cpu_backend.segment_attention(q, k, v, layout, 0.2)
+    ref, _ = _segment_attention_ref(q, k, v, layout, 0.2)
+    dout = torch.randn_like(ref)
+    assert rel_err(out, ref) < TOL[torch.float64]
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout), strict=True):
+        assert rel_err(g, r) < TOL[torch.float64]
+
+
+def _bad_args(**changes):
+    T, D = 20, 8
+    args = dict(
+        q=torch.randn(T, 2, D),
+        k=torch.randn(T, 1, D),
+        v=torch.randn(T, 1, D),
+        q_index=torch.arange(T),
+        q_offsets=torch.tensor([0, 10, 20]),
+        k_index=torch.arange(T),
+        k_offsets=torch.tensor([0, 10, 20]),
+        scale=0.5,
+    )
+    args.update(changes)
+    return list(args.values())
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        (dict(q_index=torch.arange(20, dtype=torch.int32)), TypeError, "q_index must be int64"),
+        (dict(k=torch.randn(20, 1, 8, dtype=torch.float64)), TypeError, "must share a dtype"),
+        (dict(q=torch.randn(20, 2, 8).to(torch.int32)), TypeError, "q must be float16"),
+        (dict(v=torch.randn(20, 2, 8)), ValueError, "k and v must have the same shape"),
+        (dict(q=torch.randn(20, 3, 8), k=torch.randn(20, 2, 8), v=torch.randn(20, 2, 8)), ValueError, r"q heads \(3\)"),
+        (dict(q=torch.randn(20, 2)), ValueError, "q must have shape"),
+        (dict(q=torch.randn(20, 8, 2).transpose(1, 2)), ValueError, "q must have a contiguous last dimension"),
+        (dict(q_offsets=torch.tensor([0, 12, 10])), ValueError, "q_offsets must be non-decreasing"),
+        (dict(k_offsets=torch.tensor([1, 10, 20])), ValueError, r"k_offsets\[0\] must be 0"),
+        (dict(k_offsets=torch.tensor([0, 10])), ValueError, "must both have S \\+ 1 entries"),
+        (dict(q_offsets=torch.tensor([0, 10, 21]), k_offsets=torch.tensor([0, 10, 21])), ValueError, "exceeds"),
+        (dict(k_index=torch.arange(20) + 1), ValueError, r"k_index\[19\] = 20 is not a token row"),
+        (dict(scale=-1.0), ValueError, "scale must be a positive finite"),
+    ],
+)
+def test_ops_reject_bad_inputs(changes, error, match) -> None:
+    with pytest.raises(error, match=match):
+        ops.segment_attention_fwd(*_bad_args(**changes))
+
+
+def test_bwd_rejects_bad_lse() -> None:
+    q, k, v, qi, qo, ki, ko, scale = _bad_args()
+    out, lse = ops.segment_attention_fwd(q, k, v, qi, qo, ki, ko, scale)
+    with pytest.raises(TypeError, match="lse must be float32"):
+        ops.segment_attention_bwd(out, q, k, v, out, lse.double(), qi, qo, ki, ko, scale, True, True)
+    with pytest.raises(ValueError, match=r"lse must have shape \(Hq, Lq\)"):
+        ops.segment_attention_bwd(out, q, k, v, out, lse.t(), qi, qo, ki, ko, scale, True, True)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        ops.segment_attention_bwd(out[:5], q, k, v, out, lse, qi, qo, ki, ko, scale, True, True)
+
+
+def test_fake_impls_match_real_shapes() -> None:
+    layout = _layout(**LAYOUTS["context_keys"])
+    q, k, v = torch.randn(400, 4, 16), torch.randn(400, 2, 16), torch.randn(400, 2, 16)
+    args = (q, k, v, layout.q_index, layout.q_offsets, layout.k_index, layout.k_offsets, 0.25)
+    out, lse = ops.segment_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, *args[3:], True, False)
+    keys = torch.randint(-1, 5, (77,))
+    for op, op_args in (
+        (ops.segment_attention_fwd, args),
+        (ops.segment_attention_bwd, bwd_args),
+        (ops.sort_by_segment, (keys, 5)),
+    ):
+        torch.library.opcheck(op, op_args, test_utils=("test_schema", "test_faketensor"))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake_out, fake_lse = ops.segment_attention_fwd(
+            *(mode.from_tensor(a) if torch.is_tensor(a) else a for a in args)
+        )
+    assert fake_out.shape == out.shape and fake_out.dtype == out.dtype
+    assert fake_lse.shape == lse.shape and fake_lse.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public API with backend="cpu"
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _group_ids(B: int, N: int, case: str) -> tuple[torch.Tensor, int]:
+    if case == "ragged_padding_empty":  # ragged groups, padding tokens, groups 5 and 6 empty, group 7 singleton
+        g = torch.randint(-1, 5, (B, N))
+        g[:, 0] = 7
+        return g, 8
+    if case == "one_group":  # = dense attention
+        return torch.zeros(B, N, dtype=torch.int64), 1
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["ragged_padding_empty", "one_group"])
+@pytest.mark.parametrize("Hq, Hkv", [(4, 4), (4, 2), (8, 1)])
+def test_group_attention_fp32(case: str, Hq: int, Hkv: int) -> None:
+    B, N, D = 2, 301, 32
+    q, k, v = qkv(B, N, Hq, Hkv, D)
+    g, M = _group_ids(B, N, case)
+    with _alloc.poisoned_outputs():
+        out = moga.group_attention(q, k, v, g, num_groups=M, backend="cpu")
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref = group_attention_ref(q64, k64, v64, g)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    assert rel_err(out, ref) < TOL[torch.float32]
+    for gr, r in zip(grads, ref_grads, strict=True):
+        assert not gr.isnan().any()
+        assert rel_err(gr, r) < TOL[torch.float32]
+    if case == "ragged_padding_empty":
+        assert torch.all(out[g < 0] == 0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moga_attention_fp32_with_router_grads(top_k: int) -> None:
+    B, N, Hq, Hkv, D, M = 2, 200, 4, 2, 64, 5
+    q, k, v = qkv(B, N, Hq, Hkv, D)
+    logits = torch.randn(B, N, M, requires_grad=True)
+    with _alloc.poisoned_outputs():
+        out = moga.moga_attention(q, k, v, logits, top_k=top_k, backend="cpu")
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v, logits), dout)
+    leaves = as_double_leaves(q, k, v, logits)
+    ref = moga_attention_ref(*leaves, top_k=top_k)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    assert rel_err(out, ref) < TOL[torch.float32]
+    for gr, r, n in zip(grads, ref_grads, ("q", "k", "v", "router_logits"), strict=True):
+        assert not gr.isnan().any(), n
+        assert rel_err(gr, r) < TOL[torch.float32], n
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_2x_of_torch_backend(dtype: torch.dtype) -> None:
+    """fp16/bf16 accumulate in fp32: errors at most 2x those of the (fp32-upcasting) torch backend."""
+    B, N, Hq, Hkv, D, M = 1, 400, 4, 2, 64, 3
+    q, k, v = qkv(B, N, Hq, Hkv, D, dtype=dtype)
+    logits = torch.randn(B, N, M)
+    leaves = as_double_leaves(q, k, v)
+    ref = moga_attention_ref(*leaves, logits.double(), top_k=2)
+    dout = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+    errors = {}
+    for backend in ("cpu", "torch"):
+        with _alloc.poisoned_outputs():
+            out = moga.moga_attention(q, k, v, logits, top_k=2, backend=backend)
+            grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
+        assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+        errors[backend] = [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads, strict=True)]
+    for name, cpu_err, torch_err in zip(("out", "dq", "dk", "dv"), errors["cpu"], errors["torch"], strict=True):
+        assert cpu_err <= 2 * torch_err, f"{name}: cpu {cpu_err:.2e} vs torch {torch_err:.2e}"
+        assert cpu_err < (1e-2 if dtype == torch.bfloat16 else 2e-3), name
+
+
+def test_cpu_backend_selection() -> None:
+    assert "cpu" in moga.available_backends()
+    probe = torch.zeros(4, 2, 8)
+    assert cpu_backend.unsupported_reason(probe, probe, probe) is None
+    assert "dtype" in cpu_backend.unsupported_reason(probe.int(), probe.int(), probe.int())
+    assert "meta" in cpu_backend.unsupported_reason(probe.to("meta"), probe, probe)
+    assert torch_backend.unsupported_reason(probe, probe, probe) is None
+
+
+def test_torch_compile_group_attention() -> None:
+    B, N, H, D, M = 1, 64, 2, 16, 3
+    q, k, v = qkv(B, N, H, H, D, requires_grad=False)
+    g = torch.randint(0, M, (B, N))
+
+    def fn(q, k, v, g):
+        return moga.group_attention(q, k, v, g, num_groups=M, backend="cpu") * 2
+
+    compiled = torch.compile(fn, fullgraph=False, backend="aot_eager")
+    out = compiled(q, k, v, g)
+    ref = group_attention_ref(q, k, v, g) * 2
+    assert rel_err(out, ref) < TOL[torch.float32]
