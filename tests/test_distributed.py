@@ -110,6 +110,32 @@ def _moga_case(world: int, rank: int, *, Hq: int, Hkv: int, M: int, top_k: int, 
     return _compare(sharded, full, [q, k, v, logits], rank, world)
 
 
+def _bf16_case(world: int, rank: int) -> dict:
+    """bf16 errors against float64 single-process moga, for this rank's shards: the sharded run ("sp_*") and
+    single-process bf16 moga ("single_*"). The standard: sp <= 2 x single."""
+    B, N, Hq, Hkv, D, M = 1, 6 * world, 2 * world, world, 16, 4
+    inputs = [*_qkv(B, N, Hq, Hkv, D, seed=61), torch.randn(B, N, M, generator=torch.Generator().manual_seed(62))]
+    weight = torch.randn(B, N, Hq, D, generator=torch.Generator().manual_seed(63), dtype=torch.float64)
+
+    def run(fn, dtype: torch.dtype, sharded: bool) -> list[torch.Tensor]:
+        """[out, dq, dk, dv, dlogits] of this rank's tokens."""
+        cut = (lambda t: _shard(t, rank, world)) if sharded else (lambda t: t)
+        leaves = _leaves(*(cut(t).to(dtype) for t in inputs))
+        out = fn(*leaves, top_k=2, backend="torch")
+        (out.double() * cut(weight)).sum().backward()
+        results = [out.detach(), *(t.grad for t in leaves)]
+        return results if sharded else [_shard(t, rank, world) for t in results]
+
+    ref = run(moga.moga_attention, torch.float64, sharded=False)
+    single = run(moga.moga_attention, torch.bfloat16, sharded=False)
+    with _alloc.poisoned_outputs():
+        sp = run(ulysses_moga_attention, torch.bfloat16, sharded=True)
+    result = {"nan": sum(int(torch.isnan(t).sum()) for t in sp)}
+    for name, r, a, b in zip(("out", "dq", "dk", "dv", "dx"), ref, sp, single, strict=True):
+        result["sp_" + name], result["single_" + name] = rel_err(a, r), rel_err(b, r)
+    return result
+
+
 def _ragged_group_ids(B: int, N: int, seed: int) -> torch.Tensor:
     """Ids in [0, 4) at random (ragged groups spanning ranks), one singleton (id 4), padding (-1); id 5 is
     empty when num_groups=6."""
@@ -309,6 +335,7 @@ def _cases(world: int) -> dict[str, Callable[[int], dict]]:
         "moga_top1_gqa_unchecked": lambda r: _moga_case(
             world, r, Hq=2 * world, Hkv=world, M=3, top_k=1, seed=3, check_shards=False
         ),
+        "moga_bf16": lambda r: _bf16_case(world, r),
         "moga_dense_m1": lambda r: _moga_case(world, r, Hq=world, Hkv=world, M=1, top_k=1, seed=4),
         "group_num_groups": lambda r: _group_case(world, r, Hq=world, Hkv=world, num_groups=6, seed=5),
         "group_gqa_unique_ids": lambda r: _group_case(world, r, Hq=2 * world, Hkv=world, num_groups=None, seed=6),
@@ -405,6 +432,19 @@ def test_matches_single_process(records, case: str) -> None:
         assert expected == res.keys() - {"nan"}, f"rank {rank}: got {sorted(res)}"
         for key in expected:
             assert res[key] < TOL_FP32, f"world {world} rank {rank} {case}: {key} rel err {res[key]:.2e}"
+
+
+def test_bf16_within_twice_single_process_error(records) -> None:
+    """bf16 sharded vs float64: no worse than 2x single-process bf16 moga (out, q/k/v and logit gradients)."""
+    world, per_rank = records
+    for rank, results in enumerate(per_rank):
+        res = results["moga_bf16"]
+        assert "exception" not in res, f"rank {rank}:\n{res.get('exception')}"
+        assert res["nan"] == 0
+        for key in ("out", "dq", "dk", "dv", "dx"):
+            sp, single = res["sp_" + key], res["single_" + key]
+            assert 0 < single < 0.05, f"rank {rank} {key}: implausible bf16 error {single:.2e}"
+            assert sp <= 2 * single, f"world {world} rank {rank} {key}: sharded {sp:.2e} vs single {single:.2e}"
 
 
 def test_subgroups(records) -> None:
