@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""No-GPU compile check: registers, spills and shared memory of every production Triton kernel configuration.
+
+Imports every kernel package under ``kernels/`` that exposes ``compile_specs()`` (see
+``kernels/compile_spec.py``), compiles each spec with Triton's ahead-of-time compiler for sm_80 and sm_90a
+(no GPU needed), runs Triton's own ``ptxas -v`` on the PTX, prints one table and exits non-zero when a
+configuration spills registers to local memory, exceeds the architecture's shared memory per block, or fails
+to compile.
+
+    python bench/compile_check.py                    # all kernel packages, sm_80 and sm_90a
+    python bench/compile_check.py --modules pkg.mod  # specific modules exposing compile_specs()
+
+TRITON_INTERPRET is removed from the environment first: under the interpreter ``@triton.jit`` yields
+functions that cannot be compiled (and kernel packages may pick interpreter-only configurations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib
+import json
+import multiprocessing
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+# Shared memory a block may use (opt-in maximum): 227 KB on sm_90, 163 KB on sm_80.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+ARCHS = {"sm_80": 80, "sm_90a": 90}
+
+
+@dataclass
+class PtxasReport:
+    """One kernel's resource usage as printed by ``ptxas -v``."""
+
+    function: str
+    arch: str
+    registers: int = 0
+    stack_frame: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    static_smem: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")
+_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+_PERF = re.compile(r"\((C\d+)\) Potential Performance Loss: (.*?) in the function '([^']+)'")
+
+
+def parse_ptxas(text: str) -> dict[str, PtxasReport]:
+    """Parse ``ptxas -v`` output into one report per entry function."""
+    reports: dict[str, PtxasReport] = {}
+    current: PtxasReport | None = None
+    pending_notes: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if m := _PERF.search(line):  # printed before the function's own lines
+            pending_notes.setdefault(m.group(3), []).append(f"{m.group(1)}: {m.group(2)}")
+        if m := _ENTRY.search(line):
+            current = reports[m.group(1)] = PtxasReport(m.group(1), m.group(2))
+            current.notes += pending_notes.pop(m.group(1), [])
+            continue
+        if current is None:
+            continue
+        if m := _PROPS.search(line):
+            current.stack_frame, current.spill_stores, current.spill_loads = map(int, m.groups())
+        if m := _USED.search(line):
+            current.registers = int(m.group(1))
+            if s := _SMEM.search(line):
+                current.static_smem = int(s.group(1))
+    return reports
+
+
+@dataclass
+class Row:
+    kernel: str
+    arch: str
+    registers: int | None = None
+    spill_bytes: int | None = None  # spill stores + spill loads
+    stack_frame: int | None = None
+    shared_bytes: int | None = None  # Triton's dynamic shared memory + ptxas' static smem
+    compile_s: float | None = None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _ptxas_path(capability: int) -> str:
+    from triton.backends.nvidia import compiler as nvidia
+
+    try:
+        tool = nvidia.get_ptxas(capability)
+    except TypeError:  # older triton: get_ptxas() without an architecture
+        tool = nvidia.get_ptxas()
+    return tool.path if hasattr(tool, "path") else tool[0] if isinstance(tool, tuple) else str(tool)
+
+
+def _specs(module_name: str) -> list:
+    return list(importlib.import_module(module_name).compile_specs())
+
+
+def compile_one(module_name: str, index: int, arch: str) -> Row:
+    """Compile spec ``index`` of ``module_name`` for ``arch`` and measure it (runs in a worker process)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = _specs(module_name)[index]
+    capability = ARCHS[arch]
+    row = Row(spec.name, arch)
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(fn=spec.fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs))
+        options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    except Exception as exc:
+        row.problems.append(f"compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}")
+        return row
+    row.compile_s = time.perf_counter() - t0
+    ptx = kernel.asm["ptx"]
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
+    gpu_name = target.group(1).rstrip(",") if target else arch
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = os.path.join(tmp, "k.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        cubin_path = os.path.join(tmp, "k.cubin")
+        # Triton 3.8's own ptxas flags, so the report describes the very cubin Triton would load.
+        flags = ["-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}"]
+        proc = subprocess.run(
+            [_ptxas_path(capability), *flags, ptx_path, "-o", cubin_path], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            row.problems.append(f"ptxas failed: {(proc.stderr or proc.stdout).strip()[-200:]}")
+            return row
+        with open(cubin_path, "rb") as f:
+            if f.read() != kernel.asm.get("cubin"):
+                row.notes.append("cubin differs from Triton's (other ptxas flags): figures are indicative")
+    reports = parse_ptxas(proc.stdout + proc.stderr)
+    report = reports.get(kernel.metadata.name) or (next(iter(reports.values())) if len(reports) == 1 else None)
+    if report is None:
+        row.problems.append(f"no ptxas report for {kernel.metadata.name!r}")
+        return row
+    row.registers = report.registers
+    row.spill_bytes = report.spill_stores + report.spill_loads
+    row.stack_frame = report.stack_frame
+    row.shared_bytes = int(kernel.metadata.shared) + report.static_smem
+    row.notes += report.notes
+    row.problems += judge(row, capability)
+    return row
+
+
+def judge(row: Row, capability: int) -> list[str]:
+    """Why this configuration is not fit for production (empty when it is)."""
+    problems = []
+    if row.spill_bytes:
+        problems.append(f"spills {row.spill_bytes} bytes to local memory")
+    if row.shared_bytes is not None and row.shared_bytes > SMEM_LIMIT[capability]:
+        problems.append(f"shared memory {row.shared_bytes} B > {SMEM_LIMIT[capability]} B")
+    return problems
+
+
+def discover_modules() -> list[str]:
+    """Kernel packages (``moga.kernels.<op>``) that expose compile_specs()."""
+    import moga.kernels
+
+    found = []
+    for info in pkgutil.iter_modules(moga.kernels.__path__):
+        if not info.ispkg:
+            continue
+        name = f"moga.kernels.{info.name}"
+        if hasattr(importlib.import_module(name), "compile_specs"):
+            found.append(name)
+    return found
+
+
+def _dedupe(module_specs: dict[str, list]) -> list[tuple[str, int, list[str]]]:
+    """(module, index, names) per distinct configuration: identical compiles are done once."""
+    seen: dict[tuple, tuple[str, int, list[str]]] = {}
+    for module, specs in module_specs.items():
+        for i, spec in enumerate(specs):
+            fn = getattr(spec.fn, "fn", spec.fn)  # JITFunction.fn is the Python function
+            key = (
+                f"{fn.__module__}.{fn.__qualname__}",
+                tuple(sorted(spec.signature.items())),
+                tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())),
+                spec.num_warps,
+                spec.num_stages,
+            )
+            if key in seen:
+                seen[key][2].append(spec.name)
+            else:
+                seen[key] = (module, i, [spec.name])
+    return list(seen.values())
+
+
+def format_table(rows: list[Row]) -> str:
+    width = max([len("kernel")] + [len(r.kernel) for r in rows])
+    lines = [f"{'kernel':<{width}}  {'arch':<7} {'regs':>5} {'spill B':>8} {'stack B':>8} {'smem B':>8}  status"]
+    for r in rows:
+
+        def num(v):
+            return "-" if v is None else str(v)
+
+        status = "; ".join(r.problems) if r.problems else "ok"
+        if r.notes:
+            status += "  [" + "; ".join(r.notes) + "]"
+        lines.append(
+            f"{r.kernel:<{width}}  {r.arch:<7} {num(r.registers):>5} {num(r.spill_bytes):>8} "
+            f"{num(r.stack_frame):>8} {num(r.shared_bytes):>8}  {status}"
+        )
+    return "\n".join(lines)
+
+
+def _worker_init() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modules", nargs="+", help="modules exposing compile_specs() (default: kernels/*)")
+    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (processes)")
+    parser.add_argument("--json", metavar="PATH", help="write the table as JSON")
+    args = parser.parse_args(argv)
+    # Before any kernel module is imported: TRITON_INTERPRET is read when @triton.jit decorates a function.
+    os.environ.pop("TRITON_INTERPRET", None)
+
+    t0 = time.perf_counter()
+    modules = args.modules or discover_modules()
+    module_specs = {m: _specs(m) for m in modules}
+    if not any(module_specs.values()):
+        print("compile_check: no kernel package exposes compile_specs(); nothing to compile")
+        return 0
+    configs = _dedupe(module_specs)
+    jobs = [(module, index, arch) for module, index, _ in configs for arch in args.arch]
+    n_specs = sum(len(s) for s in module_specs.values())
+    print(
+        f"compile_check: {n_specs} specs ({len(configs)} distinct) x {len(args.arch)} archs from {modules}, "
+        f"{args.jobs} process(es)",
+        flush=True,
+    )
+    if args.jobs <= 1:
+        results = [compile_one(*job) for job in jobs]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init) as pool:
+            results = list(pool.map(compile_one, *zip(*jobs, strict=True)))
+    # Expand deduplicated configurations back to every spec name, in spec order.
+    rows = []
+    for (_, _, names), per_arch in zip(configs, _chunks(results, len(args.arch)), strict=True):
+        for name in names:
+            for r in per_arch:
+                rows.append(Row(**{**asdict(r), "kernel": name}))
+    print(format_table(rows))
+    bad = [r for r in rows if r.problems]
+    elapsed = time.perf_counter() - t0
+    print(f"compile_check: {len(rows)} rows, {len(bad)} failing, {elapsed:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"elapsed_s": elapsed, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return 1 if bad else 0
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
