@@ -28,6 +28,7 @@ lint: venv
 
 test: build lint
 	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python bench/compile_check.py
 
 bench: build
 	$(BIN)/moga bench --quick
