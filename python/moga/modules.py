@@ -144,7 +144,7 @@ def moga_layer_attention(
         raise ValueError("grid=(T, H, W) is required when window or frame_attention is set")
     if sequence_parallel_group is not None:
         # Imported lazily: torch.distributed is optional.
-        from moga.distributed import gather_sequence, heads_to_sequence, sequence_to_heads, ulysses_moga_attention
+        from moga.distributed import gather_sequence, heads_to_sequence, qkv_to_heads, ulysses_moga_attention
 
         if not static:
             return ulysses_moga_attention(
@@ -154,7 +154,7 @@ def moga_layer_attention(
         # Ulysses for the whole layer: q, k, v move to head shards once and all branches share them (windows
         # and frames need every token of the sequence); one all-to-all brings the mean back.
         group = sequence_parallel_group
-        q_h, k_h, v_h = (sequence_to_heads(t, group) for t in (q, k, v))
+        q_h, k_h, v_h = qkv_to_heads(q, k, v, group)  # one packed all-to-all for the three tensors
         out_h = moga_layer_attention(
             q_h, k_h, v_h, gather_sequence(router_logits, group), top_k=top_k, grid=grid, window=window,
             frame_attention=frame_attention, shot_starts=shot_starts, context_frames=context_frames,
