@@ -1,0 +1,70 @@
+"""Triton backend: the fused segment-attention kernels of :mod:`moga.kernels.segment_attention`.
+
+Runs CUDA tensors on the GPU, or CPU tensors through the Triton interpreter (TRITON_INTERPRET=1, for tests).
+Neither the forward nor the backward synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+import torch
+
+from moga.backends._autograd import segment_attention_autograd
+from moga.layout import SegmentLayout
+
+HEAD_DIMS = (32, 64, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_available() -> bool:
+    """Triton is importable and there is a GPU, or the Triton interpreter is on."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or _interpreting()
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why these flattened (T, H, D) inputs cannot run here, from host metadata only; None if they can."""
+    device = q.device.type
+    if device != "cuda" and not (device == "cpu" and _interpreting()):
+        return f"tensors on {q.device} (needs cuda, or cpu with TRITON_INTERPRET=1)"
+    D = q.shape[-1]
+    if D not in HEAD_DIMS:
+        return f"head dim {D} (supported: {HEAD_DIMS})"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    return None
+
+
+def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take arbitrary token and head strides but need unit stride along the head dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout, softmax_scale: float
+) -> torch.Tensor:
+    """q (T, Hq, D), k/v (T, Hkv, D) -> (Lq, Hq, D) in segment order; rows outside segments are zero."""
+    from moga.kernels.segment_attention import segment_attention_bwd, segment_attention_fwd
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (tokens, heads, headdim), got {tuple(t.shape)}")
+    reason = unsupported_reason(q, k, v)
+    if reason is not None:
+        raise ValueError(f"triton backend cannot run these inputs: {reason}")
+    for name in ("q_index", "q_offsets", "k_index", "k_offsets"):
+        t = getattr(layout, name)
+        if t.dtype != torch.int64 or t.device != q.device:
+            raise ValueError(f"layout.{name} must be an int64 tensor on {q.device}, got {t.dtype} on {t.device}")
+        if not t.is_contiguous():
+            layout = dataclasses.replace(layout, **{name: t.contiguous()})
+    q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
+    return segment_attention_autograd(q, k, v, layout, softmax_scale, segment_attention_fwd, segment_attention_bwd)

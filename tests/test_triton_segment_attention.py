@@ -1,0 +1,275 @@
+"""The fused Triton segment-attention kernels (moga.kernels.segment_attention, backend "triton").
+
+Without a GPU they run under the Triton interpreter (tests/conftest.py); inputs stay small (N <= 512, H <= 4).
+Every result is compared with float64 references: the literal ``naive.py`` on the same layout, and the dense
+masked references of :mod:`moga.reference` through the public API.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moga import _alloc, group_attention, moga_attention
+from moga.backends import get_backend
+from moga.layout import SegmentLayout, routed_layout
+from moga.reference import group_attention_ref, moga_attention_ref
+from tests.utils import TOL, as_double_leaves, qkv, rel_err
+
+triton_backend = get_backend("triton")
+pytestmark = pytest.mark.skipif(
+    triton_backend is None or not triton_backend.is_available(), reason="triton backend not available"
+)
+
+if triton_backend is not None and triton_backend.is_available():
+    from moga.kernels.segment_attention import compile_specs, segment_attention_fwd, segment_attention_naive
+    from moga.kernels.segment_attention.configs import DTYPES, HEAD_DIMS, config
+    from moga.kernels.segment_attention.tiles import build_tile_table, tile_bound
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tokens(T: int, H: int, D: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(T, H, D, dtype=dtype, device=DEVICE)
+
+
+def _ragged_ids(B: int, N: int, sizes: list[int]) -> torch.Tensor:
+    """(B, N) group ids with the given group sizes (shuffled positions), -1 for the rest (padding)."""
+    ids = torch.cat([torch.full((n,), g, dtype=torch.int64) for g, n in enumerate(sizes)])
+    ids = torch.cat([ids, torch.full((N - ids.numel(),), -1, dtype=torch.int64)])
+    return torch.stack([ids[torch.randperm(N)] for _ in range(B)]).to(DEVICE)
+
+
+def _context_layout(T: int, segments: list[tuple[int, int]], context: int) -> SegmentLayout:
+    """Contiguous token segments [a, b) whose keys also hold ``context`` rows of the previous segment (a row can
+    be a key of two segments: k_unique=False), like the static window branch with context frames."""
+    q_index, k_index, q_off, k_off = [], [], [0], [0]
+    for s, (a, b) in enumerate(segments):
+        q_index += list(range(a, b))
+        extra = list(range(max(segments[s - 1][1] - context, segments[s - 1][0]), segments[s - 1][1])) if s else []
+        k_index += list(range(a, b)) + extra
+        q_off.append(len(q_index))
+        k_off.append(len(k_index))
+    as_t = lambda x: torch.tensor(x, dtype=torch.int64, device=DEVICE)  # noqa: E731
+    return SegmentLayout(as_t(q_index), as_t(q_off), as_t(k_index), as_t(k_off), T, q_unique=True, k_unique=False)
+
+
+def _check_layout(q, k, v, layout: SegmentLayout, scale: float, tol: float) -> None:
+    """Forward (out, lse) and token-space gradients of the triton backend vs naive.py in float64."""
+    out, lse = segment_attention_fwd(q, k, v, layout, scale)
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref, ref_lse = segment_attention_naive(q64, k64, v64, layout, scale)
+    assert rel_err(out, ref) < tol
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite.to(lse.device))
+    assert rel_err(lse[finite], ref_lse[finite]) < tol
+
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out_g = triton_backend.segment_attention(qg, kg, vg, layout, scale)
+    dout = torch.randn_like(out_g)
+    grads = torch.autograd.grad(out_g, (qg, kg, vg), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert g.dtype == q.dtype and g.shape == r.shape, name
+        assert rel_err(g, r) < tol, (name, rel_err(g, r))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tile table
+
+
+@pytest.mark.parametrize("include_tail", [False, True])
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_tile_table_covers_each_position_once(include_tail: bool, block: int) -> None:
+    lengths = torch.tensor([0, 5, 1, 16, 0, 33, 4])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    other = offsets * 2 + 1  # arbitrary non-decreasing "other" boundaries
+    L = int(offsets[-1]) + 7  # positions after the last segment
+    table = build_tile_table(offsets, other, L, block, include_tail)
+    assert table.shape == (tile_bound(L, len(lengths) + include_tail, block), 4)
+    covered = torch.zeros(L, dtype=torch.int64)
+    for start, seg_end, other_start, other_end in table.tolist():
+        stop = min(start + block, seg_end)
+        covered[start:stop] += 1
+        if start < seg_end:  # a real tile lies inside one segment and loops over that segment's range
+            s = int(torch.searchsorted(offsets, torch.tensor(start), right=True)) - 1
+            if s < len(lengths):
+                assert (seg_end, other_start, other_end) == (offsets[s + 1], other[s], other[s + 1])
+            else:
+                assert (seg_end, other_start, other_end) == (L, other[-1], other[-1])
+    expected = torch.ones(L, dtype=torch.int64)
+    if not include_tail:
+        expected[int(offsets[-1]) :] = 0
+    assert torch.equal(covered, expected)
+
+
+def test_tile_table_without_segments() -> None:
+    offsets = torch.zeros(1, dtype=torch.int64)
+    assert build_tile_table(offsets, offsets, 0, 16, include_tail=False).abs().sum() == 0
+    table = build_tile_table(offsets, offsets, 20, 16, include_tail=True)
+    assert table[:, 0].tolist()[:2] == [0, 16] and table[0, 1] == 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel pair vs naive.py on a segment layout
+
+
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_routed_layout_vs_naive(D: int, dtype: torch.dtype) -> None:
+    """Ragged, empty and singleton groups, padding tokens, N not a multiple of any block, GQA 4:2."""
+    B, N, Hq, Hkv = 2, 150, 4, 2
+    ids = torch.stack([_ragged_ids(1, N, [70, 0, 1, 33, 40])[0], _ragged_ids(1, N, [1, 1, 0, 100, 45])[0]])
+    layout = routed_layout(ids.view(B, N, 1), 5).segments
+    q, k, v = _tokens(B * N, Hq, D, dtype), _tokens(B * N, Hkv, D, dtype), _tokens(B * N, Hkv, D, dtype)
+    _check_layout(q, k, v, layout, D**-0.5, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_context_keys_layout_vs_naive(dtype: torch.dtype) -> None:
+    """Keys differ from queries (extra context rows, repeated across segments: non-unique k), a segment longer
+    than several blocks, a singleton segment, and tokens that are in no segment at all."""
+    T, D = 300, 64
+    layout = _context_layout(T, [(0, 90), (90, 91), (91, 200), (200, 230), (260, 290)], context=12)
+    q, k, v = _tokens(T, 2, D, dtype), _tokens(T, 1, D, dtype), _tokens(T, 1, D, dtype)
+    _check_layout(q, k, v, layout, 0.11, TOL[dtype])
+
+
+def test_non_unique_queries_and_empty_key_segments() -> None:
+    """A token queried by two segments (gradients accumulate) and a segment with queries but no keys."""
+    T, D = 40, 32
+    as_t = lambda x: torch.tensor(x, dtype=torch.int64, device=DEVICE)  # noqa: E731
+    layout = SegmentLayout(
+        q_index=as_t(list(range(0, 25)) + list(range(10, 30)) + list(range(30, 35)) + [39, 38]),
+        q_offsets=as_t([0, 25, 45, 50]),
+        k_index=as_t(list(range(0, 20)) + list(range(5, 40))),
+        k_offsets=as_t([0, 20, 55, 55]),
+        num_tokens=T,
+        q_unique=False,
+        k_unique=False,
+    )
+    q, k, v = _tokens(T, 2, D, torch.float32), _tokens(T, 2, D, torch.float32), _tokens(T, 2, D, torch.float32)
+    _check_layout(q, k, v, layout, D**-0.5, TOL[torch.float32])
+
+
+def test_strided_inputs() -> None:
+    """q, k, v as views of one packed (T, 3, H, D) tensor: token stride 3*H*D, no copies needed."""
+    T, H, D = 130, 2, 64
+    packed = torch.randn(T, 3, H, D, device=DEVICE)
+    q, k, v = packed[:, 0], packed[:, 1], packed[:, 2]
+    ids = _ragged_ids(1, T, [60, 50, 20])
+    layout = routed_layout(ids.view(1, T, 1), 3).segments
+    _check_layout(q, k, v, layout, D**-0.5, TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API vs the dense float64 references
+
+
+@pytest.mark.parametrize(
+    "dtype,D,Hq,Hkv,sizes",
+    [
+        (torch.float32, 64, 2, 2, [100, 0, 1, 60, 39]),  # ragged, empty, singleton
+        (torch.float32, 32, 4, 1, [200]),  # one group = dense attention, MQA
+        (torch.float16, 128, 2, 1, [77, 50, 3, 1]),  # padding tokens (ids -1), GQA
+        (torch.float16, 64, 2, 2, [129, 71]),
+    ],
+)
+def test_group_attention_vs_reference(dtype, D, Hq, Hkv, sizes) -> None:
+    B, N = 2, 200
+    ids = _ragged_ids(B, N, sizes)
+    q, k, v = (t.to(DEVICE) for t in qkv(B, N, Hq, Hkv, D, dtype))
+    out = group_attention(q, k, v, ids, num_groups=len(sizes), backend="triton")
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref = group_attention_ref(q64, k64, v64, ids)
+    assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert rel_err(g, r) < TOL[dtype], (name, rel_err(g, r))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moga_attention_vs_reference(top_k: int) -> None:
+    """Routed and gated; top_k=2 puts each token in two segments (non-unique positions). Router-logit grads too."""
+    B, N, Hq, Hkv, D, M = 2, 96, 2, 1, 32, 4
+    q, k, v = (t.to(DEVICE) for t in qkv(B, N, Hq, Hkv, D))
+    logits = (2 * torch.randn(B, N, M, device=DEVICE)).requires_grad_(True)
+    out = moga_attention(q, k, v, logits, top_k=top_k, backend="triton")
+    q64, k64, v64, l64 = as_double_leaves(q, k, v, logits)
+    ref = moga_attention_ref(q64, k64, v64, l64, top_k=top_k)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, logits), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64, l64), dout.double())
+    for name, g, r in zip(("dq", "dk", "dv", "dlogits"), grads, ref_grads, strict=True):
+        assert rel_err(g, r) < TOL[torch.float32], (name, rel_err(g, r))
+
+
+def test_bfloat16_within_twice_a_bf16_torch_implementation() -> None:
+    """bf16: error vs float64 at most 2x that of naive.py run in bf16 (forward and gradients)."""
+    T, H, D = 160, 2, 64
+    ids = _ragged_ids(1, T, [90, 50, 20])
+    layout = routed_layout(ids.view(1, T, 1), 3).segments
+    q, k, v = (_tokens(T, H, D, torch.bfloat16).requires_grad_(True) for _ in range(3))
+    out = triton_backend.segment_attention(q, k, v, layout, D**-0.5)
+    bf16_ref, _ = segment_attention_naive(q, k, v, layout, D**-0.5)
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref, _ = segment_attention_naive(q64, k64, v64, layout, D**-0.5)
+    assert rel_err(out, ref) <= 2 * rel_err(bf16_ref, ref)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    bf16_grads = torch.autograd.grad(bf16_ref, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for name, g, b, r in zip(("dq", "dk", "dv"), grads, bf16_grads, ref_grads, strict=True):
+        assert rel_err(g, r) <= 2 * rel_err(b, r), (name, rel_err(g, r), rel_err(b, r))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every output element written (NaN-poisoned buffers), validation, configurations
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_poisoned_outputs_and_grads_are_overwritten(top_k: int) -> None:
+    B, N, H, D, M = 1, 70, 2, 32, 5
+    q, k, v = (t.to(DEVICE) for t in qkv(B, N, H, H, D))
+    logits = torch.randn(B, N, M, device=DEVICE)
+    logits[0, :, 4] = -1e4  # group 4 stays empty (also for top_k=2 with M=5: at most 4 groups used)
+    with _alloc.poisoned_outputs():
+        out = moga_attention(q, k, v, logits, top_k=top_k, backend="triton")
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        ids = _ragged_ids(B, N, [30, 1, 20])  # 19 padding tokens: zero output, zero gradient
+        out_pad = group_attention(q, k, v, ids, num_groups=3, backend="triton")
+        grads_pad = torch.autograd.grad(out_pad.square().sum(), (q, k, v))
+    for t in (out, *grads, out_pad, *grads_pad):
+        assert not torch.isnan(t).any()
+    pad = ids[0] < 0
+    assert (out_pad[0, pad] == 0).all() and all((g[0, pad] == 0).all() for g in grads_pad)
+    assert all(g[0, ~pad].abs().sum() > 0 for g in grads_pad)
+
+
+def test_unsupported_inputs_are_refused() -> None:
+    probe = torch.zeros(4, 2, 48, device=DEVICE)
+    assert "head dim 48" in triton_backend.unsupported_reason(probe, probe, probe)
+    probe64 = torch.zeros(4, 2, 64, dtype=torch.float64, device=DEVICE)
+    assert "dtype" in triton_backend.unsupported_reason(probe64, probe64, probe64)
+    assert triton_backend.unsupported_reason(probe[..., :32], probe[..., :32], probe[..., :32]) is None
+    q = torch.zeros(1, 8, 2, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 48"):
+        group_attention(q, q, q, torch.zeros(1, 8, dtype=torch.int64, device=DEVICE), backend="triton")
+
+
+def test_compile_specs_list_every_production_config() -> None:
+    specs = compile_specs()
+    names = {s.name for s in specs}
+    assert len(names) == len(specs) == len(HEAD_DIMS) * len(DTYPES) * 6 + len(DTYPES)  # + gradient reduction
+    for kernel in ("fwd", "preprocess", "dkdv", "dq"):
+        for D in HEAD_DIMS:
+            for t in ("fp16", "bf16", "fp32"):
+                assert any(f"{kernel}" in n and f"[{t},D={D}," in n for n in names), (kernel, D, t)
+    for spec in specs:
+        assert set(spec.constexprs) <= set(spec.signature) and spec.signature.keys() == set(spec.fn.arg_names)
+    for dtype in DTYPES:  # under the interpreter one small configuration, still a valid tl.dot shape
+        cfg = config("fwd", 64, dtype)
+        assert cfg.block_m >= 16 and cfg.block_n >= 16
