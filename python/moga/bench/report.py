@@ -15,8 +15,9 @@ def _fmt(value: float | None, width: int, decimals: int) -> str:
 
 
 def format_table(rows: list[Any], memory_note: str) -> str:
-    """One block per case; ms = median time, TFLOP/s on the work done, x dense = dense time / this time."""
-    header = f"{'method':<26} {'mode':<8} {'ms':>10} {'TFLOP/s':>9} {'x dense':>8} {'peak MB':>9}  note"
+    """One block per case; ms = median time, TFLOP/s on the work done, %matmul = share of the measured bf16
+    matmul ceiling (GPU), x dense = dense SDPA's time / this time (same mode)."""
+    header = f"{'method':<26} {'mode':<8} {'ms':>10} {'TFLOP/s':>9} {'%matmul':>7} {'x dense':>8} {'peak MB':>9}  note"
     lines: list[str] = []
     case = None
     for r in rows:
@@ -25,9 +26,10 @@ def format_table(rows: list[Any], memory_note: str) -> str:
             case = key
             lines += ["", f"N={r.n} M={r.m} {r.distribution} H={r.heads} D={r.head_dim} {r.dtype}", header]
         mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
+        pct = None if r.fraction_of_matmul is None else 100 * r.fraction_of_matmul
         note = "" if r.status == "ok" else f"{r.status}: {r.reason}"
         lines.append(
-            f"{r.method:<26} {r.mode:<8} {_fmt(r.median_ms, 10, 3)} {_fmt(r.tflops, 9, 3)} "
+            f"{r.method:<26} {r.mode:<8} {_fmt(r.median_ms, 10, 3)} {_fmt(r.tflops, 9, 3)} {_fmt(pct, 7, 1)} "
             f"{_fmt(r.speedup_vs_dense, 8, 2)} {_fmt(mem, 9, 1)}  {note}".rstrip()
         )
     lines += ["", f"({memory_note})"]

@@ -48,6 +48,7 @@ class Row:
     repeats: int | None = None
     flops: int | None = None
     tflops: float | None = None
+    fraction_of_matmul: float | None = None  # tflops / measured bf16 matmul ceiling (GPU only)
     speedup_vs_dense: float | None = None
     peak_mem_bytes: int | None = None
     estimated_s: float | None = None
@@ -224,6 +225,10 @@ def environment(device: torch.device) -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    if device.type == "cuda":
+        from moga.bench.ceiling import matmul_tflops
+
+        info["matmul_bf16_8192_tflops"] = matmul_tflops(device=str(device))
     return info
 
 
@@ -236,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
     env = environment(device)
     print(f"moga bench on {env['device']} ({device.type}), torch {env['torch']}, triton {env['triton']}")
     print(f"backends: {env['backends_available']}; not available: {env['backends_unavailable']}")
+    if "matmul_bf16_8192_tflops" in env:
+        print(f"matmul ceiling (8192^3 bf16 torch.matmul): {env['matmul_bf16_8192_tflops']:.0f} TFLOP/s")
 
     check = []
     if not args.no_check:
@@ -253,9 +260,16 @@ def run(args: argparse.Namespace) -> int:
 
     total = sum(len(selected_methods(c, device, args)) for c in cases) * len(args.modes)
     rows: list[Row] = []
+    ceiling = env.get("matmul_bf16_8192_tflops")
     with tqdm(total=total, desc="sweep", unit="call", file=sys.stderr) as progress:
         for case in cases:
-            rows.extend(measure_case(case, device, args, progress))
+            case_rows = measure_case(case, device, args, progress)
+            for r in case_rows:
+                if ceiling and r.tflops is not None:
+                    r.fraction_of_matmul = r.tflops / ceiling
+            rows.extend(case_rows)
+            if args.json:  # after every case, so a run cut short by a time limit keeps what it measured
+                write_json(args.json, env, check, rows)
 
     print()
     print(format_table(rows, env["memory_note"]))
