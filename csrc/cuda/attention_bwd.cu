@@ -186,6 +186,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();  // every warp is done with the previous Q, dO tiles
       gather_rows_async<T, kBlockQ, D, kThreads>(q_s, static_cast<const T*>(a.q) + h * a.q_stride_h, a.q_stride_t,
                                                  a.q_index, q_seg + qb, q_rows);
+      cp_async_commit();
       gather_rows_async<T, kBlockQ, D, kThreads>(do_s, static_cast<const T*>(gr.dout) + h * D, a.Hq * D, nullptr,
                                                  q_seg + qb, q_rows);
       cp_async_commit();
@@ -194,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
         lse_s[i] = valid ? gr.lse[h * a.Lq + q_seg + qb + i] * kLog2e : INFINITY;
         delta_s[i] = valid ? gr.delta[h * a.Lq + q_seg + qb + i] : 0.f;
       }
-      cp_async_wait<0>();
+      cp_async_wait<1>();  // K, V and Q have landed; dO loads while P^T = exp(K Q^T - lse) runs
       __syncthreads();
 
       float p[kTilesQ][4];  // [16 keys, BQ]: P^T
@@ -204,6 +205,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < kTilesQ; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) p[j][e] = exp2f(fmaf(p[j][e], scale_log2, -lse_s[j * 8 + 2 * t + (e % 2)]));
+      cp_async_wait<0>();
+      __syncthreads();
       mma_p_b<T, D, kTilesQ>(dv, p, do_s);
       float ds[kTilesQ][4];  // [16 keys, BQ]: dP^T, then dS^T
       zero(ds);

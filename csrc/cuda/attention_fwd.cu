@@ -43,9 +43,6 @@ __global__ void __launch_bounds__(kThreads)
   const T* q_base = static_cast<const T*>(a.q) + h * a.q_stride_h;
   const T* k_base = static_cast<const T*>(a.k) + hk * a.k_stride_h;
   const T* v_base = static_cast<const T*>(a.v) + hk * a.v_stride_h;
-  gather_rows_async<T, kBlockM, D, kThreads>(q_s, q_base, a.q_stride_t, a.q_index, q_begin, q_rows);
-  cp_async_commit();
-
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;  // this lane holds rows g, g+8 and columns 2t, 2t+1 of each n8 tile
   const float scale_log2 = a.scale * kLog2e;
@@ -55,15 +52,20 @@ __global__ void __launch_bounds__(kThreads)
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g, g+8, raw scores (unscaled)
   float row_sum[2] = {0.f, 0.f};              // this lane's share of the row sums
 
+  // Pipeline: V of a tile loads while S = Q K^T runs, and K of the next tile loads while O += P V runs.
+  gather_rows_async<T, kBlockM, D, kThreads>(q_s, q_base, a.q_stride_t, a.q_index, q_begin, q_rows);
+  if (k_len > 0) {
+    gather_rows_async<T, kBlockN, D, kThreads>(k_s, k_base, a.k_stride_t, a.k_index, k_begin,
+                                                static_cast<int>(min(static_cast<int64_t>(kBlockN), k_len)));
+  }
+  cp_async_commit();
+
   for (int64_t kb = 0; kb < k_len; kb += kBlockN) {
     const int k_rows = static_cast<int>(min(static_cast<int64_t>(kBlockN), k_len - kb));
-    __syncthreads();  // every warp is done with the previous K, V tiles
-    gather_rows_async<T, kBlockN, D, kThreads>(k_s, k_base, a.k_stride_t, a.k_index, k_begin + kb, k_rows);
-    cp_async_commit();
+    cp_async_wait<0>();  // Q and this tile's K have landed
+    __syncthreads();     // ... for every thread; and every warp is done with the previous V
     gather_rows_async<T, kBlockN, D, kThreads>(v_s, v_base, a.v_stride_t, a.k_index, k_begin + kb, k_rows);
     cp_async_commit();
-    cp_async_wait<1>();  // Q and K have landed; V may still be in flight
-    __syncthreads();
 
     float s[kTilesN][4];  // [16, BN] scores of this warp's rows
     zero(s);
@@ -100,8 +102,14 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-    cp_async_wait<0>();
-    __syncthreads();
+    cp_async_wait<0>();  // this tile's V has landed
+    __syncthreads();     // ... for every thread; and every warp is done with this tile's K
+    if (kb + kBlockN < k_len) {
+      const int next_rows = static_cast<int>(min(static_cast<int64_t>(kBlockN), k_len - kb - kBlockN));
+      gather_rows_async<T, kBlockN, D, kThreads>(k_s, k_base, a.k_stride_t, a.k_index, k_begin + kb + kBlockN,
+                                                  next_rows);
+      cp_async_commit();
+    }
     mma_p_b<T, D, kTilesN>(o, s, v_s);
   }
   cp_async_wait<0>();  // a segment without keys never waited for its Q copy

@@ -7,7 +7,8 @@
 //   B (16 x 8,  2 x b16x2): b0 = B[2t..2t+1][g],  b1 = B[2t+8..2t+9][g]
 //   C (16 x 8,  4 x f32):   c0, c1 = C[g][2t], C[g][2t+1];  c2, c3 = C[g+8][2t], C[g+8][2t+1]
 // Every asm that touches shared memory has a "memory" clobber so the compiler never moves it across the plain
-// stores that zero-fill tiles. ldmatrix.x4 loads four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and register i of
+// stores that zero-fill tiles.
+// ldmatrix.x4 loads four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and register i of
 // lane 4g+t receives matrix i's row g, columns 2t..2t+1 (with .trans: rows 2t..2t+1 of column g).
 #pragma once
 
