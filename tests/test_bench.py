@@ -80,6 +80,54 @@ def test_flops_hand_example() -> None:
     assert dense_attention_flops(4, head_dim=2, heads=5) == 4 * 16 * 2 * 5
 
 
+# ---------------------------------------------------------------- baselines
+
+
+@pytest.mark.parametrize("sizes", [[150, 0, 97, 1, 52], [300]])  # ragged with empty and singleton; one group
+def test_baselines_compute_group_attention(sizes: list[int]) -> None:
+    """The recipe and FlexAttention (eager here; the bench compiles it) agree with the float64 reference."""
+    from moga.bench.baselines import dense_sdpa, flex_available, make_flex_group_attention, sorted_recipe
+    from moga.reference import group_attention_ref
+    from tests.utils import rel_err
+
+    ids = group_ids_from_sizes(sizes, torch.Generator().manual_seed(3)).view(1, -1)
+    n = ids.shape[1]
+    q, k, v = (torch.randn(1, n, 2, 16) for _ in range(3))
+    ref = group_attention_ref(q, k, v, ids)
+    assert rel_err(sorted_recipe(q, k, v, ids, len(sizes)), ref) < 1e-5
+    if len(sizes) == 1:
+        assert rel_err(dense_sdpa(q, k, v), ref) < 1e-5
+    if flex_available() is None:
+        assert rel_err(make_flex_group_attention(compiled=False)(q, k, v, ids), ref) < 1e-5
+
+
+def test_flex_block_mask_skips_exactly_the_empty_blocks() -> None:
+    """Eager FlexAttention ignores block sparsity, so check the block mask itself: a (q block, kv block) pair
+    is listed iff some query and key in it share a group, and listed as full iff all of them do."""
+    from moga.bench.baselines import flex_available, group_block_mask
+
+    if flex_available() is not None:
+        pytest.skip(flex_available())
+    bs = 16
+    ids = torch.sort(group_ids_from_sizes([150, 0, 97, 1, 52], torch.Generator().manual_seed(4))).values
+    nb = (ids.numel() + bs - 1) // bs
+    bm = group_block_mask(ids, block_size=bs)
+
+    def listed(num, idx):
+        return {(i, int(j)) for i in range(nb) for j in idx[0, 0, i, : int(num[0, 0, i])]}
+
+    partial = listed(bm.kv_num_blocks, bm.kv_indices)
+    full = listed(bm.full_kv_num_blocks, bm.full_kv_indices)
+    same = ids[:, None] == ids[None, :]
+    for i in range(nb):
+        for j in range(nb):
+            tile = same[i * bs : (i + 1) * bs, j * bs : (j + 1) * bs]
+            complete = tile.shape == (bs, bs)
+            assert ((i, j) in partial or (i, j) in full) == bool(tile.any()), (i, j)
+            assert ((i, j) in full) == bool(complete and tile.all()), (i, j)
+    assert not partial & full
+
+
 # ---------------------------------------------------------------- the CLI
 
 
