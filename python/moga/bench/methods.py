@@ -49,7 +49,10 @@ def _group_attention_builder(backend: str, m: int):
 
 
 def _moga_attention_builder(x: CaseInputs):
-    return lambda q, k, v: moga.moga_attention(q, k, v, x.router_logits)
+    # The router learns through the gate: with a backward pass, the logits take a gradient too (it accumulates
+    # over repeats, an N x M add that costs nothing next to attention).
+    logits = x.router_logits.detach().requires_grad_(True)
+    return lambda q, k, v: moga.moga_attention(q, k, v, logits)
 
 
 def _recipe_builder(m: int):
