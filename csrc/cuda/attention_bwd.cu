@@ -242,6 +242,7 @@ unsigned grid_for(int64_t work, int threads) {
 // Zeroes the output a kernel scatters into: the fp32 buffer when rows accumulate, else the output itself.
 template <typename T>
 cudaError_t zero_grad(bool unique, void* direct, float* accum, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;  // empty tensors may have null data pointers
   return unique ? cudaMemsetAsync(direct, 0, sizeof(T) * n, stream)
                 : cudaMemsetAsync(accum, 0, sizeof(float) * n, stream);
 }

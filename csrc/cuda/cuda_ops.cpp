@@ -112,8 +112,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd_cuda(
                               &out_in, &lse_in});
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in), v = rows_16b_aligned(v_in);
-  // dout and out are read as dense (Lq, Hq, D) rows; lse and delta as dense (Hq, Lq).
-  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  // dout and out are read as dense (Lq, Hq, D) rows; lse and delta as dense (Hq, Lq). dout rows are copied with
+  // cp.async like q/k/v, so a contiguous dout at a misaligned storage offset must be copied too.
+  const at::Tensor dout = rows_16b_aligned(dout_in.contiguous());
+  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
   const at::Tensor q_index = q_index_in.contiguous(), q_offsets = q_offsets_in.contiguous();
   const at::Tensor k_index = k_index_in.contiguous(), k_offsets = k_offsets_in.contiguous();
   const auto a = make_args(q, k, v, q_index, q_offsets, k_index, k_offsets, scale);
