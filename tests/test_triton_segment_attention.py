@@ -153,9 +153,10 @@ def test_non_unique_queries_and_empty_key_segments() -> None:
 
 
 def test_strided_inputs() -> None:
-    """q, k, v as views of one packed (T, 3, H, D) tensor: token stride 3*H*D, no copies needed."""
+    """q, k, v as views of one packed (T, 3, H, D) tensor (token stride 3*H*D), starting 8 bytes past an aligned
+    address (the kernels then work on aligned copies)."""
     T, H, D = 130, 2, 64
-    packed = torch.randn(T, 3, H, D, device=DEVICE)
+    packed = torch.randn(T * 3 * H * D + 2, device=DEVICE)[2:].view(T, 3, H, D)
     q, k, v = packed[:, 0], packed[:, 1], packed[:, 2]
     ids = _ragged_ids(1, T, [60, 50, 20])
     layout = routed_layout(ids.view(1, T, 1), 3).segments
@@ -255,6 +256,11 @@ def test_unsupported_inputs_are_refused() -> None:
     probe64 = torch.zeros(4, 2, 64, dtype=torch.float64, device=DEVICE)
     assert "dtype" in triton_backend.unsupported_reason(probe64, probe64, probe64)
     assert triton_backend.unsupported_reason(probe[..., :32], probe[..., :32], probe[..., :32]) is None
+    layout = routed_layout(torch.zeros(1, 4, 1, dtype=torch.int64, device=DEVICE), 1).segments
+    with pytest.raises(ValueError, match="do not fit q shape"):
+        triton_backend.segment_attention(probe[..., :32], probe[:, :1, :16], probe[:, :1, :16], layout, 1.0)
+    with pytest.raises(TypeError, match="share a dtype"):
+        triton_backend.segment_attention(probe[..., :32], probe[..., :32].half(), probe[..., :32], layout, 1.0)
     q = torch.zeros(1, 8, 2, 48, device=DEVICE)
     with pytest.raises(ValueError, match="head dim 48"):
         group_attention(q, q, q, torch.zeros(1, 8, dtype=torch.int64, device=DEVICE), backend="triton")

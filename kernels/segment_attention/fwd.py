@@ -14,13 +14,7 @@ import triton.language as tl
 
 from moga import _alloc
 from moga.kernels.segment_attention.configs import config, interpreting
-from moga.kernels.segment_attention.tiles import (
-    OTHER_END,
-    OTHER_START,
-    SEG_END,
-    TILE_START,
-    build_tile_table,
-)
+from moga.kernels.segment_attention.tiles import build_tile_table
 from moga.kernels.segment_attention.tl_helpers import load_rows, mma, row_ptrs
 from moga.layout import SegmentLayout
 
@@ -131,7 +125,6 @@ def segment_attention_fwd(
         return out, lse
     cfg = config("fwd", D, q.dtype)
     tiles = build_tile_table(layout.q_offsets, layout.k_offsets, Lq, cfg.block_m, include_tail=True)
-    assert (TILE_START, SEG_END, OTHER_START, OTHER_END) == (0, 1, 2, 3)  # the kernel reads this column order
     grid = (tiles.shape[0], Hq)
     segment_attn_fwd_kernel[grid](
         q, k, v, out, lse, layout.q_index, layout.k_index, tiles,

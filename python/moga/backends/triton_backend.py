@@ -1,7 +1,8 @@
 """Triton backend: the fused segment-attention kernels of :mod:`moga.kernels.segment_attention`.
 
 Runs CUDA tensors on the GPU, or CPU tensors through the Triton interpreter (TRITON_INTERPRET=1, for tests).
-Neither the forward nor the backward synchronises with the host.
+Neither the forward nor the backward synchronises with the host, and neither uses floating-point atomics:
+results are bitwise reproducible (deterministic mode needs nothing extra).
 """
 
 from __future__ import annotations
@@ -43,11 +44,6 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
     return None
 
 
-def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take arbitrary token and head strides but need unit stride along the head dim."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def segment_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout, softmax_scale: float
 ) -> torch.Tensor:
@@ -57,6 +53,13 @@ def segment_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape (tokens, heads, headdim), got {tuple(t.shape)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)}, {tuple(v.shape)} do not fit q shape {tuple(q.shape)} "
+            "(same tokens and head dim, q heads a multiple of kv heads)"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     reason = unsupported_reason(q, k, v)
     if reason is not None:
         raise ValueError(f"triton backend cannot run these inputs: {reason}")
@@ -66,5 +69,4 @@ def segment_attention(
             raise ValueError(f"layout.{name} must be an int64 tensor on {q.device}, got {t.dtype} on {t.device}")
         if not t.is_contiguous():
             layout = dataclasses.replace(layout, **{name: t.contiguous()})
-    q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
     return segment_attention_autograd(q, k, v, layout, softmax_scale, segment_attention_fwd, segment_attention_bwd)
