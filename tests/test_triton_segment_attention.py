@@ -110,6 +110,21 @@ def test_tile_table_without_segments() -> None:
     assert table[:, 0].tolist()[:2] == [0, 16] and table[0, 1] == 20
 
 
+def test_positions_to_tokens_sums_repeated_tokens_in_fixed_order() -> None:
+    """Per-position gradient rows -> token rows: the sum over each token's positions, zero for absent tokens,
+    bitwise equal across calls (no atomics)."""
+    from moga.kernels.segment_attention.reduce import positions_to_tokens
+
+    T, L, H, D = 50, 120, 2, 32
+    index = torch.randint(0, T - 5, (L,), device=DEVICE)  # tokens T-5.. never occur
+    grad = torch.randn(L, H, D, device=DEVICE)
+    with _alloc.poisoned_outputs():
+        out = positions_to_tokens(grad, index, T, torch.float32)
+    ref = torch.zeros(T, H, D, dtype=torch.float64, device=DEVICE).index_add_(0, index, grad.double())
+    assert rel_err(out, ref) < 1e-6 and (out[T - 5 :] == 0).all()
+    assert torch.equal(out, positions_to_tokens(grad, index, T, torch.float32))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Kernel pair vs naive.py on a segment layout
 
