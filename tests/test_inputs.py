@@ -205,3 +205,17 @@ def test_python_scalars_and_lists_are_type_errors():
         moga.moga_attention(q, k, v, [[[0.0, 1.0]] * 8])
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         moga.group_attention(q.numpy(), k, v, torch.zeros(1, 8, dtype=torch.long))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: on meta tensors 'auto' picks the torch backend, which reads offsets with .tolist() "
+    "(RuntimeError 'Cannot copy out of meta tensor'), and id compaction calls torch.unique (NotImplementedError); "
+    "fix: torch_backend.unsupported_reason refuses meta tensors",
+)
+def test_all_meta_inputs_raise_clear_error():
+    q, k, v = (torch.empty(1, 8, 2, 32, device="meta") for _ in range(3))
+    with pytest.raises(ValueError, match="meta"):
+        moga.moga_attention(q, k, v, torch.empty(1, 8, 3, device="meta"))
+    with pytest.raises(ValueError, match="meta"):
+        moga.group_attention(q, k, v, torch.zeros(1, 8, dtype=torch.long, device="meta"), num_groups=2)
