@@ -1,9 +1,10 @@
 """Microbenchmark of the compiled "cpu" backend against dense SDPA and the naive per-group recipe.
 
 Default problem (the CPU performance target): fp32, B=1, H=4, D=64, N=16384, M=8 balanced groups (random
-assignment). Reports the median of --repeats timed runs after one warm-up, for the forward and for
-forward+backward, and the speed-up of the cpu backend over each baseline. The machine may be shared: the median
-is the number to read, and the min/max spread is printed beside it.
+assignment). Reports the median wall time of --repeats rounds after one warm-up, for the forward and for
+forward+backward, and the speed-up of the cpu backend over each baseline. Each round runs every implementation
+once, so on a shared machine they all see similar background load; the min/max spread and the median process CPU
+time (all threads) are printed beside the median.
 
     python bench/bench_cpu_segment_attention.py [--n 16384] [--heads 4] [--dim 64] [--groups 8] [--repeats 5]
 """
@@ -44,18 +45,25 @@ def cpu_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ids: to
     return moga.group_attention(q, k, v, group_ids, num_groups=M, backend="cpu")
 
 
-def time_median(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
-    fn()  # warm-up
-    times = []
+def time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, process CPU) seconds of each fn over `repeats` rounds; every round runs every fn once, so all of
+    them see the same background load from other users of the machine."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append((time.perf_counter() - w0, time.process_time() - c0))
+    return times
 
 
-def _report(name: str, phase: str, median: float, lo: float, hi: float) -> None:
-    print(f"  {name:13s} {phase:8s} median {median * 1e3:9.1f} ms  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f})")
+def _report(name: str, phase: str, median: float, lo: float, hi: float, cpu: float) -> None:
+    print(
+        f"  {name:13s} {phase:8s} median {median * 1e3:9.1f} ms  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f}; "
+        f"process CPU time median {cpu * 1e3:.1f} ms)"
+    )
 
 
 def main() -> None:
@@ -84,18 +92,26 @@ def main() -> None:
     print(f"N={N} H={H} D={D} M={M} {args.dtype}, threads={torch.get_num_threads()}, repeats={args.repeats}")
     print(f"cpu backend vs naive recipe: relative error {err:.2e}")
 
-    results: dict[tuple[str, str], float] = {}
+    fns: dict[tuple[str, str], Callable[[], object]] = {}
     for name, fn in impls.items():
-        with torch.no_grad():
-            results[name, "fwd"], lo, hi = time_median(lambda fn=fn: fn(q, k, v, group_ids, M), args.repeats)
-        _report(name, "fwd", results[name, "fwd"], lo, hi)
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+
+        def fwd(fn=fn) -> None:
+            with torch.no_grad():
+                fn(q, k, v, group_ids, M)
 
         def fwd_bwd(fn=fn, leaves=leaves) -> None:
             fn(*leaves, group_ids, M).backward(dout)
 
-        results[name, "fwd+bwd"], lo, hi = time_median(fwd_bwd, args.repeats)
-        _report(name, "fwd+bwd", results[name, "fwd+bwd"], lo, hi)
+        fns[name, "fwd"], fns[name, "fwd+bwd"] = fwd, fwd_bwd
+    results: dict[tuple[str, str], float] = {}
+    for phase in ("fwd", "fwd+bwd"):
+        times = time_rounds({name: fns[name, phase] for name in impls}, args.repeats)
+        for name in impls:
+            wall = [w for w, _ in times[name]]
+            results[name, phase] = statistics.median(wall)
+            cpu = statistics.median(c for _, c in times[name])
+            _report(name, phase, results[name, phase], min(wall), max(wall), cpu)
     for base in [b for b in impls if b != "cpu backend"]:
         for phase in ("fwd", "fwd+bwd"):
             ratio = results[base, phase] / results["cpu backend", phase]
