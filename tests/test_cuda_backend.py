@@ -262,6 +262,93 @@ def test_ops_write_every_element(dtype):
         assert torch.allclose(lse[:, qa:qb].double(), scores.logsumexp(-1), atol=1e-2), f"segment {s} lse"
 
 
+def _segment_attention_dense(q, k, v, layout, scale, dout):
+    """out, lse, dq, dk, dv of the segment-attention op contract, segment by segment with autograd, in the dtype of
+    q (float64 for the reference, the kernel's dtype for the PyTorch baseline error)."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    Lq, (_, Hq, D), group = layout.q_index.numel(), q.shape, q.shape[1] // k.shape[1]
+    out = torch.zeros(Lq, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.full((Hq, Lq), float("-inf"), dtype=torch.float64, device=q.device)
+    qo, ko = layout.q_offsets.tolist(), layout.k_offsets.tolist()
+    for s in range(len(qo) - 1):
+        if qo[s] == qo[s + 1] or ko[s] == ko[s + 1]:
+            continue
+        qs = q[layout.q_index[qo[s] : qo[s + 1]]]
+        ks = k[layout.k_index[ko[s] : ko[s + 1]]].repeat_interleave(group, 1)
+        vs = v[layout.k_index[ko[s] : ko[s + 1]]].repeat_interleave(group, 1)
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) * scale
+        out[qo[s] : qo[s + 1]] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), vs)
+        lse[:, qo[s] : qo[s + 1]] = scores.double().logsumexp(-1).detach()
+    out.backward(dout.to(out.dtype))
+    return out.detach(), lse, q.grad, k.grad, v.grad
+
+
+@pytest.mark.gpu
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+def test_ops_asymmetric_segments_repeated_tokens(dtype, D):
+    """Direct op calls on a layout the group/MoGA paths never build: segments with queries but no keys, keys but no
+    queries, different query and key counts per segment (D = 128 splits the dK/dV kernel's query loop into 32-row
+    steps), query and key tokens repeated across segments (fp32 atomics), GQA 4:1 and tail positions. Forward and
+    token-space gradients vs float64; every poisoned output element written."""
+    g = torch.Generator(device="cpu").manual_seed(D)
+    T, Hq, Hkv, scale = 300, 4, 1, D**-0.5
+    q_lens, k_lens = [0, 40, 1, 100, 37, 0, 65], [5, 0, 1, 100, 90, 0, 64]
+    q_index = torch.cat([torch.randperm(T, generator=g)[: sum(q_lens)], torch.tensor([3, 3, 7])])  # 3 tail positions
+    q_index[50] = q_index[120]  # one query token in two segments
+    k_index = torch.randint(0, T, (sum(k_lens),), generator=g)  # keys repeat within and across segments
+    cum = lambda lens: torch.tensor([0] + lens).cumsum(0)  # noqa: E731
+    layout = SegmentLayout(
+        q_index.to(DEVICE),
+        cum(q_lens).to(DEVICE),
+        k_index.to(DEVICE),
+        cum(k_lens).to(DEVICE),
+        num_tokens=T,
+        q_unique=False,
+        k_unique=False,
+    )
+    q = torch.randn(T, Hq, D, generator=g).to(DEVICE, dtype)
+    k, v = (torch.randn(T, Hkv, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    dout = torch.randn(q_index.numel(), Hq, D, generator=g).to(DEVICE, dtype)
+    with poisoned_outputs():
+        out, lse = _compiled.fwd(q, k, v, layout, scale)
+        grads = _compiled.bwd(dout, q, k, v, out, lse, layout, scale)
+    want = _segment_attention_dense(*(t.double() for t in (q, k, v)), layout, scale, dout.double())
+    base = _segment_attention_dense(q, k, v, layout, scale, dout)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want[1])), "lse = -inf exactly where a query has no keys"
+    finite = torch.isfinite(want[1])
+    assert (lse[finite].double() - want[1][finite]).abs().max() < 1e-2
+    names = ["out", "dq", "dk", "dv"]
+    for name, got, b, w in zip(names, (out, *grads), (base[0], *base[2:]), (want[0], *want[2:]), strict=True):
+        assert not got.isnan().any(), f"{name}: unwritten (NaN) entries"
+        err, torch_err = rel_err(got, w), rel_err(b, w)
+        assert err <= _bound(dtype, torch_err), f"{name}: rel err {err:.3e}, PyTorch {dtype} {torch_err:.3e}"
+    assert (out[sum(q_lens) :] == 0).all()
+
+
+@pytest.mark.gpu
+@requires_cuda_backend
+def test_bwd_misaligned_dout():
+    """A contiguous dout whose storage offset is not 16-byte aligned (its rows are gathered with cp.async): the
+    binding copies it, so the gradients equal those of an aligned dout bit for bit (unique tokens: no atomics)."""
+    T, H, D, dtype = 130, 2, 64, torch.float16
+    q, k, v = (torch.randn(T, H, D).to(DEVICE, dtype) for _ in range(3))
+    index = torch.arange(T, device=DEVICE)
+    layout = SegmentLayout(
+        index, torch.tensor([0, 70, T], device=DEVICE), index, torch.tensor([0, 70, T], device=DEVICE), num_tokens=T
+    )
+    out, lse = _compiled.fwd(q, k, v, layout, 0.125)
+    dout = torch.randn_like(out)
+    shifted = torch.empty(dout.numel() + 4, dtype=dtype, device=DEVICE)[4:].view(dout.shape).copy_(dout)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    got = _compiled.bwd(shifted, q, k, v, out, lse, layout, 0.125)
+    torch.cuda.synchronize()  # a misaligned cp.async would surface here as a CUDA error
+    aligned = _compiled.bwd(dout, q, k, v, out, lse, layout, 0.125)
+    for name, a, b in zip(("dq", "dk", "dv"), got, aligned, strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.gpu
 @requires_cuda_backend
 @pytest.mark.slow
