@@ -207,12 +207,6 @@ def test_python_scalars_and_lists_are_type_errors():
         moga.group_attention(q.numpy(), k, v, torch.zeros(1, 8, dtype=torch.long))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on meta tensors 'auto' picks the torch backend, which reads offsets with .tolist() "
-    "(RuntimeError 'Cannot copy out of meta tensor'), and id compaction calls torch.unique (NotImplementedError); "
-    "fix: torch_backend.unsupported_reason refuses meta tensors",
-)
 def test_all_meta_inputs_raise_clear_error():
     q, k, v = (torch.empty(1, 8, 2, 32, device="meta") for _ in range(3))
     with pytest.raises(ValueError, match="meta"):

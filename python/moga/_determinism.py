@@ -6,9 +6,9 @@ and backward functions and, when it is true, take a path whose floating-point su
 depend on thread scheduling (no ``atomic_add`` on floats; e.g. per-tile partial sums reduced in a fixed
 order), so two runs with the same inputs give bitwise identical outputs and gradients.
 
-Backward runs after the public function has returned (and, on CUDA, on an autograd worker thread), so the
-forward-time flag is carried into the backward of the output's autograd node by
-:func:`keep_for_backward`.
+Backward runs after the public function has returned (and, on CUDA, on an autograd worker thread): the
+shared autograd wrapper (:mod:`moga.backends._autograd`) records the flag in forward and re-enters the mode
+around the backend's ``bwd``. The ``torch`` backend follows torch's own global flag.
 """
 
 from __future__ import annotations
@@ -50,27 +50,3 @@ def deterministic_mode(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _state.enabled = previous
-
-
-def keep_for_backward(out: torch.Tensor, enabled: bool) -> None:
-    """Make :func:`deterministic_enabled` true while the autograd node that produced ``out`` runs backward.
-
-    ``out`` is what a backend's ``segment_attention`` returned inside :func:`deterministic_mode`. A node
-    pre-hook sets the flag on the thread that runs the node's backward and a post-hook restores it, so a
-    kernel backend's ``bwd`` sees the forward-time mode. No-op when ``enabled`` is false or ``out`` has no
-    autograd node.
-    """
-    node = out.grad_fn
-    if not enabled or node is None:
-        return
-    saved: list[bool] = []
-
-    def enter(grad_outputs):
-        saved.append(_requested())
-        _state.enabled = True
-
-    def leave(grad_inputs, grad_outputs):
-        _state.enabled = saved.pop() if saved else False
-
-    node.register_prehook(enter)
-    node.register_hook(leave)

@@ -11,7 +11,7 @@ from moga._checks import (
     check_top_k,
     softmax_scale_or_default,
 )
-from moga._determinism import deterministic_mode, keep_for_backward
+from moga._determinism import deterministic_mode
 from moga.backends import select_backend
 from moga.layout import RoutedLayout, routed_layout
 from moga.router import route_tokens
@@ -58,7 +58,6 @@ def _run_segments(
     impl = select_backend(backend, qf, kf, vf)
     with deterministic_mode(deterministic):
         out_seg = impl.segment_attention(qf, kf, vf, routed.segments, scale)  # (T * top_k, Hq, D)
-    keep_for_backward(out_seg, deterministic)
     if not out_seg.requires_grad and torch.is_grad_enabled():
         # With nothing to attend (N = 0, B = 0, all padding) a backend may return zeros built without reading
         # q/k/v; tie them to the graph (adding an exact 0) so backward yields zero gradients instead of failing.

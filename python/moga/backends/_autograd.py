@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from moga._determinism import deterministic_enabled, deterministic_mode
 from moga.layout import SegmentLayout
 
 FwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -27,12 +28,16 @@ class _SegmentAttention(torch.autograd.Function):
         out, lse = fwd(q, k, v, layout, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale, ctx.bwd = layout, scale, bwd
+        # Backward runs after the public call returned (on CUDA on an autograd worker thread): carry the
+        # forward-time deterministic mode into it.
+        ctx.deterministic = deterministic_enabled()
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.bwd(dout.contiguous(), q, k, v, out, lse, ctx.layout, ctx.scale)
+        with deterministic_mode(ctx.deterministic):
+            dq, dk, dv = ctx.bwd(dout.contiguous(), q, k, v, out, lse, ctx.layout, ctx.scale)
         return dq, dk, dv, None, None, None, None
 
 

@@ -18,6 +18,8 @@ def is_available() -> bool:
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    if q.device.type == "meta":
+        return "meta tensors hold no data (this backend reads segment offsets on the host)"
     return None
 
 
