@@ -1,10 +1,13 @@
 // CPU segment attention: moga::segment_attention_fwd / _bwd for CPU tensors.
 //
 // Flash-attention style tiling, parallel over work items with dynamic scheduling:
+//   packing:    first, q (times the softmax scale), k, v (and dout in the backward) are gathered once into
+//               contiguous head-major acc_t buffers in segment order, (H, L, D): every tile below is then a plain
+//               strided block, and no row is gathered or converted more than once (fp32 for fp16/bf16/fp32 inputs,
+//               fp64 for fp64). This costs one fp32 copy of the operands in memory.
 //   forward:    item = (segment, query tile, kv head). The query rows of all Hq / Hkv query heads that share the
-//               kv head are stacked into one [R = G * bm, D] tile so the gathered K/V tiles are reused across the
-//               group; online softmax over key tiles; both products are BLAS GEMMs on contiguous fp32 (fp64 for
-//               fp64 inputs) copies of the gathered rows.
+//               kv head are stacked into one [R = G * bm, D] tile so each K/V tile is reused across the group;
+//               online softmax over key tiles; both products are BLAS GEMMs.
 //   backward:   two passes so that every gradient row has exactly one writer (no atomics, deterministic):
 //               pass 1, item = (segment, key tile, kv head): dK, dV of the tile's key positions;
 //               pass 2, item = (segment, query tile, kv head): dQ of the tile's query positions.
@@ -94,15 +97,32 @@ Rows<scalar_t> rows_of(const at::Tensor& t) {
   return {t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
 }
 
-// dst[i, :] = mult * src.row(index[i], head) for i < n, converted to the accumulation type; dst has row stride D.
+// packed[h, p, :] = mult * src.row(index == nullptr ? p : index[p], h) for p < n, as acc_t: (H, n, D) contiguous.
 template <typename scalar_t, typename acc_t>
-void gather(acc_t* dst, const Rows<scalar_t>& src, const int64_t* index, int64_t n, int64_t head, int64_t D,
-            acc_t mult) {
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* p_src = src.row(index[i], head);
-    acc_t* p_dst = dst + i * D;
-    for (int64_t d = 0; d < D; ++d) p_dst[d] = static_cast<acc_t>(p_src[d]) * mult;
-  }
+at::Tensor pack(const Rows<scalar_t>& src, const int64_t* index, int64_t n, int64_t H, int64_t D, acc_t mult) {
+  at::Tensor packed = at::empty({H, n, D}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* p_packed = packed.data_ptr<acc_t>();
+  at::parallel_for(0, n, 256, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t token = index == nullptr ? p : index[p];
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* p_src = src.row(token, h);
+        acc_t* p_dst = p_packed + (h * n + p) * D;
+        for (int64_t d = 0; d < D; ++d) p_dst[d] = static_cast<acc_t>(p_src[d]) * mult;
+      }
+    }
+  });
+  return packed;
+}
+
+// The [G * bm, D] block of rows (head h0 + g, positions p0 .. p0 + bm) of a packed (H, L, D) buffer, stacked
+// g-major: a pointer into the buffer itself when G == 1, else a copy into `stack`.
+template <typename acc_t>
+const acc_t* stacked_rows(const acc_t* packed, int64_t L, int64_t D, int64_t h0, int64_t G, int64_t p0, int64_t bm,
+                          acc_t* stack) {
+  if (G == 1) return packed + (h0 * L + p0) * D;
+  for (int64_t g = 0; g < G; ++g) std::copy_n(packed + ((h0 + g) * L + p0) * D, bm * D, stack + g * bm * D);
+  return stack;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -135,18 +155,37 @@ Problem<scalar_t, acc_t> make_problem(const at::Tensor& q, const at::Tensor& k, 
 
 template <typename acc_t>
 struct FwdWorkspace {
-  std::vector<acc_t> q, k, v, s, acc, m, l;
-  FwdWorkspace(int64_t rows, int64_t keys, int64_t D)
-      : q(rows * D), k(keys * D), v(keys * D), s(rows * keys), acc(rows * D), m(rows), l(rows) {}
+  std::vector<acc_t> q, s, acc, m, l;
+  FwdWorkspace(int64_t rows, int64_t keys, int64_t D) : q(rows * D), s(rows * keys), acc(rows * D), m(rows), l(rows) {}
+};
+
+// Packed operands, over the positions inside segments only (lq = q_offsets[S], lk = k_offsets[S]):
+// q_s = scale * q (Hq, lq, D), k and v (Hkv, lk, D); dout (Hq, lq, D) in the backward.
+template <typename acc_t>
+struct Packed {
+  const acc_t *q_s, *k, *v, *dout;
+  int64_t lq, lk;
+};
+
+template <typename scalar_t, typename acc_t>
+struct PackedStorage {
+  at::Tensor q_s, k, v;
+  PackedStorage(const Problem<scalar_t, acc_t>& pb)
+      : q_s(pack(pb.q, pb.q_index, pb.q_offsets[pb.S], pb.Hq, pb.D, pb.scale)),
+        k(pack(pb.k, pb.k_index, pb.k_offsets[pb.S], pb.Hkv, pb.D, acc_t(1))),
+        v(pack(pb.v, pb.k_index, pb.k_offsets[pb.S], pb.Hkv, pb.D, acc_t(1))) {}
+  Packed<acc_t> view(const acc_t* dout = nullptr) const {
+    return {q_s.const_data_ptr<acc_t>(), k.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), dout, q_s.size(1),
+            k.size(1)};
+  }
 };
 
 // lse_t: float for the op's output; acc_t (double) when the fp64 backward recomputes lse at full precision.
 template <typename scalar_t, typename acc_t, typename lse_t>
-void forward_tile(const Problem<scalar_t, acc_t>& pb, const Tile& tile, int64_t hk, FwdWorkspace<acc_t>& ws,
-                  scalar_t* out, lse_t* lse) {
+void forward_tile(const Problem<scalar_t, acc_t>& pb, const Packed<acc_t>& pk, const Tile& tile, int64_t hk,
+                  FwdWorkspace<acc_t>& ws, scalar_t* out, lse_t* lse) {
   const int64_t D = pb.D, G = pb.G, bm = tile.len, R = G * bm;
   const int64_t ka = pb.k_offsets[tile.segment], kb = pb.k_offsets[tile.segment + 1];
-  const int64_t* q_idx = pb.q_index + tile.start;
   if (ka == kb) {  // no keys: zero output, lse = -inf
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hk * G + g;
@@ -157,16 +196,16 @@ void forward_tile(const Problem<scalar_t, acc_t>& pb, const Tile& tile, int64_t 
     }
     return;
   }
-  // [R, D] stacked query rows, pre-multiplied by the softmax scale; row g * bm + i is head hk * G + g.
-  for (int64_t g = 0; g < G; ++g) gather(ws.q.data() + g * bm * D, pb.q, q_idx, bm, hk * G + g, D, pb.scale);
+  // [R, D] scaled query rows; row g * bm + i is head hk * G + g at position tile.start + i.
+  const acc_t* q_rows = stacked_rows(pk.q_s, pk.lq, D, hk * G, G, tile.start, bm, ws.q.data());
   std::fill_n(ws.m.data(), R, -std::numeric_limits<acc_t>::infinity());
   std::fill_n(ws.l.data(), R, acc_t(0));
   std::fill_n(ws.acc.data(), R * D, acc_t(0));
   for (int64_t k0 = ka; k0 < kb; k0 += kKeyTile) {
     const int64_t bn = std::min(kKeyTile, kb - k0);
-    gather(ws.k.data(), pb.k, pb.k_index + k0, bn, hk, D, acc_t(1));  // [bn, D]
-    gather(ws.v.data(), pb.v, pb.k_index + k0, bn, hk, D, acc_t(1));  // [bn, D]
-    gemm_abt<acc_t>(R, bn, D, ws.q.data(), D, ws.k.data(), D, acc_t(0), ws.s.data(), kKeyTile);  // [R, bn]
+    const acc_t* k_rows = pk.k + (hk * pk.lk + k0) * D;  // [bn, D]
+    const acc_t* v_rows = pk.v + (hk * pk.lk + k0) * D;  // [bn, D]
+    gemm_abt<acc_t>(R, bn, D, q_rows, D, k_rows, D, acc_t(0), ws.s.data(), kKeyTile);  // [R, bn]
     for (int64_t r = 0; r < R; ++r) {
       acc_t* s_row = ws.s.data() + r * kKeyTile;
       const acc_t m_new = std::max(ws.m[r], row_max(s_row, bn));
@@ -180,7 +219,7 @@ void forward_tile(const Problem<scalar_t, acc_t>& pb, const Tile& tile, int64_t 
       ws.l[r] += row_sum;
       ws.m[r] = m_new;
     }
-    gemm_ab<acc_t>(R, D, bn, ws.s.data(), kKeyTile, ws.v.data(), D, acc_t(1), ws.acc.data(), D);  // [R, D]
+    gemm_ab<acc_t>(R, D, bn, ws.s.data(), kKeyTile, v_rows, D, acc_t(1), ws.acc.data(), D);  // [R, D]
   }
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
@@ -197,12 +236,12 @@ void forward_tile(const Problem<scalar_t, acc_t>& pb, const Tile& tile, int64_t 
 
 // out (Lq, Hq, D) and lse (Hq, Lq) of every position inside a segment (the caller fills the tail).
 template <typename scalar_t, typename acc_t, typename lse_t>
-void run_forward(const Problem<scalar_t, acc_t>& pb, scalar_t* out, lse_t* lse) {
+void run_forward(const Problem<scalar_t, acc_t>& pb, const Packed<acc_t>& pk, scalar_t* out, lse_t* lse) {
   const std::vector<Tile> tiles = make_tiles(pb.q_offsets, pb.S, pb.query_tile);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   for_each_item(n_tiles * pb.Hkv, FwdWorkspace<acc_t>(pb.G * pb.query_tile, kKeyTile, pb.D),
                 [&](int64_t item, FwdWorkspace<acc_t>& ws) {
-                  forward_tile(pb, tiles[item / pb.Hkv], item % pb.Hkv, ws, out, lse);
+                  forward_tile(pb, pk, tiles[item / pb.Hkv], item % pb.Hkv, ws, out, lse);
                 });
 }
 
@@ -220,11 +259,12 @@ std::tuple<at::Tensor, at::Tensor> segment_attention_fwd_cpu(const at::Tensor& q
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "moga_segment_attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto pb = make_problem<scalar_t, acc_t>(q, k, v, q_index, q_offsets, k_index, k_offsets, scale);
-    run_forward(pb, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+    const PackedStorage<scalar_t, acc_t> packed(pb);
+    run_forward(pb, packed.view(), out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+    const int64_t Lq_used = pb.q_offsets[pb.S];
     // Positions past the last segment: zero output, no keys.
-    const int64_t tail = pb.q_offsets[pb.S];
-    out.narrow(0, tail, Lq - tail).zero_();
-    lse.narrow(1, tail, Lq - tail).fill_(-std::numeric_limits<float>::infinity());
+    out.narrow(0, Lq_used, Lq - Lq_used).zero_();
+    lse.narrow(1, Lq_used, Lq - Lq_used).fill_(-std::numeric_limits<float>::infinity());
   });
   return {out, lse};
 }
@@ -235,14 +275,12 @@ std::tuple<at::Tensor, at::Tensor> segment_attention_fwd_cpu(const at::Tensor& q
 
 template <typename acc_t>
 struct BwdWorkspace {
-  std::vector<acc_t> q, dout, lse, delta, k, v, p, dp, grad_a, grad_b;
+  std::vector<acc_t> q, dout, lse, delta, p, dp, grad_a, grad_b;
   BwdWorkspace(int64_t rows, int64_t keys, int64_t D)
       : q(rows * D),
         dout(rows * D),
         lse(rows),
         delta(rows),
-        k(keys * D),
-        v(keys * D),
         p(rows * keys),
         dp(rows * keys),
         grad_a(std::max(rows, keys) * D),
@@ -253,41 +291,40 @@ struct BwdWorkspace {
 template <typename scalar_t, typename acc_t>
 struct Backward {
   const Problem<scalar_t, acc_t>& pb;
-  Rows<scalar_t> dout;      // (Lq, Hq, D) in position space
-  const acc_t* lse;         // (Hq, Lq)
-  const acc_t* delta;       // (Hq, Lq): rowsum(dout * out)
+  Packed<acc_t> pk;
+  const acc_t* lse;    // (Hq, Lq)
+  const acc_t* delta;  // (Hq, Lq): rowsum(dout * out)
 
-  // Stack the query-side rows of a query tile for kv head hk: scaled q, dout, lse, delta. Returns R.
-  int64_t load_query_tile(const Tile& tile, int64_t hk, BwdWorkspace<acc_t>& ws) const {
-    const int64_t D = pb.D, bm = tile.len;
-    for (int64_t g = 0; g < pb.G; ++g) {
-      const int64_t h = hk * pb.G + g;
-      gather(ws.q.data() + g * bm * D, pb.q, pb.q_index + tile.start, bm, h, D, pb.scale);
-      for (int64_t i = 0; i < bm; ++i) {
-        const int64_t pos = tile.start + i, r = g * bm + i;
-        const scalar_t* p_dout = dout.row(pos, h);
-        for (int64_t d = 0; d < D; ++d) ws.dout[r * D + d] = static_cast<acc_t>(p_dout[d]);
-        ws.lse[r] = static_cast<acc_t>(lse[h * pb.Lq + pos]);
-        ws.delta[r] = delta[h * pb.Lq + pos];
-      }
+  // The query-side rows of a query tile for kv head hk, stacked g-major: scaled q, dout (pointers), lse, delta.
+  struct QueryRows {
+    const acc_t *q, *dout;
+    int64_t R;
+  };
+  QueryRows load_query_tile(const Tile& tile, int64_t hk, BwdWorkspace<acc_t>& ws) const {
+    const int64_t D = pb.D, bm = tile.len, G = pb.G;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hk * G + g;
+      std::copy_n(lse + h * pb.Lq + tile.start, bm, ws.lse.data() + g * bm);
+      std::copy_n(delta + h * pb.Lq + tile.start, bm, ws.delta.data() + g * bm);
     }
-    return pb.G * bm;
+    return {stacked_rows(pk.q_s, pk.lq, D, hk * G, G, tile.start, bm, ws.q.data()),
+            stacked_rows(pk.dout, pk.lq, D, hk * G, G, tile.start, bm, ws.dout.data()), G * bm};
   }
 
-  // With ws.q/dout/lse/delta of R query rows and ws.k/v of bn keys loaded: ws.p = P = exp(S - lse),
-  // ws.dp = dP = dout V^T, then ws.p = dS = P * (dP - delta) unless keep_p (pass 1 still needs P for dV).
-  void probabilities(int64_t R, int64_t bn, int64_t ld, BwdWorkspace<acc_t>& ws) const {
-    gemm_abt<acc_t>(R, bn, pb.D, ws.q.data(), pb.D, ws.k.data(), pb.D, acc_t(0), ws.p.data(), ld);  // [R, bn]
-    for (int64_t r = 0; r < R; ++r) exp_sub_sum(ws.p.data() + r * ld, bn, ws.lse[r]);
-    gemm_abt<acc_t>(R, bn, pb.D, ws.dout.data(), pb.D, ws.v.data(), pb.D, acc_t(0), ws.dp.data(), ld);  // [R, bn]
+  // ws.p = P = exp(S - lse) and ws.dp = dP = dout V^T for R query rows and the bn keys at k_rows / v_rows.
+  void probabilities(const QueryRows& qr, const acc_t* k_rows, const acc_t* v_rows, int64_t bn, int64_t ld,
+                     BwdWorkspace<acc_t>& ws) const {
+    gemm_abt<acc_t>(qr.R, bn, pb.D, qr.q, pb.D, k_rows, pb.D, acc_t(0), ws.p.data(), ld);  // [R, bn]
+    for (int64_t r = 0; r < qr.R; ++r) exp_sub_sum(ws.p.data() + r * ld, bn, ws.lse[r]);
+    gemm_abt<acc_t>(qr.R, bn, pb.D, qr.dout, pb.D, v_rows, pb.D, acc_t(0), ws.dp.data(), ld);  // [R, bn]
   }
 
+  // ws.p = dS = P * (dP - delta).
   void softmax_backward(int64_t R, int64_t bn, int64_t ld, BwdWorkspace<acc_t>& ws) const {
     for (int64_t r = 0; r < R; ++r) softmax_grad(ws.p.data() + r * ld, ws.dp.data() + r * ld, bn, ws.delta[r]);
   }
 
   // Pass 1: dK, dV of the key tile for kv head hk, over all query tiles of its segment and all G query heads.
-  // grad rows go to dk_rows/dv_rows(position) (token rows or per-position buffers).
   template <typename Store>
   void key_tile(const Tile& tile, int64_t hk, BwdWorkspace<acc_t>& ws, const Store& store) const {
     const int64_t D = pb.D, bn = tile.len;
@@ -295,17 +332,16 @@ struct Backward {
     acc_t* dv = ws.grad_b.data();  // [bn, D]
     std::fill_n(dk, bn * D, acc_t(0));
     std::fill_n(dv, bn * D, acc_t(0));
-    gather(ws.k.data(), pb.k, pb.k_index + tile.start, bn, hk, D, acc_t(1));
-    gather(ws.v.data(), pb.v, pb.k_index + tile.start, bn, hk, D, acc_t(1));
+    const acc_t* k_rows = pk.k + (hk * pk.lk + tile.start) * D;
+    const acc_t* v_rows = pk.v + (hk * pk.lk + tile.start) * D;
     const int64_t qa = pb.q_offsets[tile.segment], qb = pb.q_offsets[tile.segment + 1];
     for (int64_t p0 = qa; p0 < qb; p0 += pb.query_tile) {
-      const Tile q_tile{tile.segment, p0, std::min(pb.query_tile, qb - p0)};
-      const int64_t R = load_query_tile(q_tile, hk, ws);
-      probabilities(R, bn, kGradKeyTile, ws);
-      gemm_atb<acc_t>(bn, D, R, ws.p.data(), kGradKeyTile, ws.dout.data(), D, acc_t(1), dv, D);  // dV += P^T dO
-      softmax_backward(R, bn, kGradKeyTile, ws);
-      // dK += dS^T (scale q): the scale of S = scale * q k^T is already in ws.q.
-      gemm_atb<acc_t>(bn, D, R, ws.p.data(), kGradKeyTile, ws.q.data(), D, acc_t(1), dk, D);
+      const QueryRows qr = load_query_tile({tile.segment, p0, std::min(pb.query_tile, qb - p0)}, hk, ws);
+      probabilities(qr, k_rows, v_rows, bn, kGradKeyTile, ws);
+      gemm_atb<acc_t>(bn, D, qr.R, ws.p.data(), kGradKeyTile, qr.dout, D, acc_t(1), dv, D);  // dV += P^T dO
+      softmax_backward(qr.R, bn, kGradKeyTile, ws);
+      // dK += dS^T (scale q): the scale of S = scale * q k^T is already in the packed q.
+      gemm_atb<acc_t>(bn, D, qr.R, ws.p.data(), kGradKeyTile, qr.q, D, acc_t(1), dk, D);
     }
     for (int64_t j = 0; j < bn; ++j) store(tile.start + j, hk, dk + j * D, dv + j * D);
   }
@@ -314,17 +350,16 @@ struct Backward {
   template <typename Store>
   void query_tile(const Tile& tile, int64_t hk, BwdWorkspace<acc_t>& ws, const Store& store) const {
     const int64_t D = pb.D, bm = tile.len;
-    const int64_t R = load_query_tile(tile, hk, ws);
+    const QueryRows qr = load_query_tile(tile, hk, ws);
     acc_t* dq = ws.grad_a.data();  // [R, D]
-    std::fill_n(dq, R * D, acc_t(0));
+    std::fill_n(dq, qr.R * D, acc_t(0));
     const int64_t ka = pb.k_offsets[tile.segment], kb = pb.k_offsets[tile.segment + 1];
     for (int64_t k0 = ka; k0 < kb; k0 += kKeyTile) {
       const int64_t bn = std::min(kKeyTile, kb - k0);
-      gather(ws.k.data(), pb.k, pb.k_index + k0, bn, hk, D, acc_t(1));
-      gather(ws.v.data(), pb.v, pb.k_index + k0, bn, hk, D, acc_t(1));
-      probabilities(R, bn, kKeyTile, ws);
-      softmax_backward(R, bn, kKeyTile, ws);
-      gemm_ab<acc_t>(R, D, bn, ws.p.data(), kKeyTile, ws.k.data(), D, acc_t(1), dq, D);  // dQ += dS K
+      const acc_t* k_rows = pk.k + (hk * pk.lk + k0) * D;
+      probabilities(qr, k_rows, pk.v + (hk * pk.lk + k0) * D, bn, kKeyTile, ws);
+      softmax_backward(qr.R, bn, kKeyTile, ws);
+      gemm_ab<acc_t>(qr.R, D, bn, ws.p.data(), kKeyTile, k_rows, D, acc_t(1), dq, D);  // dQ += dS K
     }
     for (int64_t g = 0; g < pb.G; ++g) {
       for (int64_t i = 0; i < bm; ++i) {
@@ -395,16 +430,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd_cpu(
     const auto pb = make_problem<scalar_t, acc_t>(q, k, v, q_index, q_offsets, k_index, k_offsets, scale);
     // delta[h, pos] = sum_d dout * out, in acc_t: (Hq, Lq).
     const at::Tensor delta = (dout_in.to(acc_dtype) * out.to(acc_dtype)).sum(-1).t().contiguous();
+    const PackedStorage<scalar_t, acc_t> packed(pb);
+    const at::Tensor dout_p = pack(rows_of<scalar_t>(dout_in), nullptr, pb.q_offsets[pb.S], Hq, D, acc_t(1));
+    const Packed<acc_t> pk = packed.view(dout_p.const_data_ptr<acc_t>());
     // The op's lse is float32; for fp64 inputs P = exp(S - lse) would then carry float32 error, so recompute
     // lse in double (one extra pass of QK^T, fp64 only).
     at::Tensor lse_acc = lse;
     if constexpr (std::is_same_v<acc_t, double>) {
       lse_acc = at::empty({Hq, Lq}, q.options().dtype(at::kDouble));
       at::Tensor scratch_out = at::empty({Lq, Hq, D}, q.options());
-      run_forward(pb, scratch_out.data_ptr<scalar_t>(), lse_acc.data_ptr<acc_t>());
+      run_forward(pb, pk, scratch_out.data_ptr<scalar_t>(), lse_acc.data_ptr<acc_t>());
     }
-    const Backward<scalar_t, acc_t> bw{pb, rows_of<scalar_t>(dout_in), lse_acc.const_data_ptr<acc_t>(),
-                                       delta.const_data_ptr<acc_t>()};
+    const Backward<scalar_t, acc_t> bw{pb, pk, lse_acc.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>()};
     GradTarget<scalar_t, acc_t> gq(q.size(0), Lq, Hq, D, q_unique, q_index, q.options());
     GradTarget<scalar_t, acc_t> gk(k.size(0), Lk, Hkv, D, k_unique, k_index, k.options());
     GradTarget<scalar_t, acc_t> gv(v.size(0), Lk, Hkv, D, k_unique, k_index, v.options());
