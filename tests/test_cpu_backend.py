@@ -126,12 +126,24 @@ LAYOUTS = {
     "one_segment": dict(T=333, q_sizes=[333], k_sizes=[333]),
     # keys differ from queries: extra context keys repeated across segments, a query segment with no keys
     "context_keys": dict(T=400, q_sizes=[100, 50, 7], k_sizes=[260, 0, 31], q_tail=3, k_repeat=True),
+    # many balanced segments (with the test's single thread, the backward takes its one-pass path)
+    "many_segments": dict(T=900, q_sizes=[150, 140, 0, 151, 130, 149], k_sizes=[150, 140, 5, 151, 130, 149], q_tail=7),
+    "many_context": dict(T=900, q_sizes=[50, 40, 51, 30, 49], k_sizes=[90, 0, 91, 70, 89], q_tail=1, k_repeat=True),
 }
+
+
+@pytest.fixture
+def one_thread():
+    """The backward's path choice depends on the thread count: pin it so each layout takes a known path."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("Hq, Hkv, D", [(2, 2, 64), (4, 1, 40), (6, 3, 16)])
-def test_ops_match_reference_fp32(name: str, Hq: int, Hkv: int, D: int) -> None:
+def test_ops_match_reference_fp32(name: str, Hq: int, Hkv: int, D: int, one_thread) -> None:
     spec = LAYOUTS[name]
     layout = _layout(**spec)
     T, scale = spec["T"], D**-0.5 * 1.3

@@ -8,7 +8,8 @@
 //   forward:    item = (segment, query tile, kv head). The query rows of all Hq / Hkv query heads that share the
 //               kv head are stacked into one [R = G * bm, D] tile so each K/V tile is reused across the group;
 //               online softmax over key tiles; both products are BLAS GEMMs.
-//   backward:   two passes so that every gradient row has exactly one writer (no atomics, deterministic):
+//   backward:   every gradient row has exactly one writer (no atomics, deterministic). With many balanced
+//               segments, item = (segment, kv head) computes all of its gradients in one pass; otherwise two passes:
 //               pass 1, item = (segment, key tile, kv head): dK, dV of the tile's key positions;
 //               pass 2, item = (segment, query tile, kv head): dQ of the tile's query positions.
 // Gradients land in token space: rows are written directly when each token occurs once (q_unique / k_unique),
@@ -346,6 +347,48 @@ struct Backward {
     for (int64_t j = 0; j < bn; ++j) store(tile.start + j, hk, dk + j * D, dv + j * D);
   }
 
+  // One-pass alternative to passes 1 + 2 for a whole (segment, kv head): the item owns every gradient row of its
+  // segment and head group, so dQ accumulates in a per-item buffer and each P / dS tile is computed once (5 GEMMs
+  // per tile pair instead of 7). Used when there are enough such items to keep every thread busy.
+  // dq_buf holds the segment's dQ tile by tile: the query tile at p0 owns rows (p0 - qa) * G .. + G * bm.
+  template <typename StoreKV, typename StoreQ>
+  void whole_segment(int64_t s, int64_t hk, BwdWorkspace<acc_t>& ws, std::vector<acc_t>& dq_buf,
+                     const StoreKV& store_kv, const StoreQ& store_q) const {
+    const int64_t D = pb.D, G = pb.G;
+    const int64_t qa = pb.q_offsets[s], qb = pb.q_offsets[s + 1], ka = pb.k_offsets[s], kb = pb.k_offsets[s + 1];
+    if (qa == qb || ka == kb) return;  // all gradients of the segment are zero, as initialised
+    dq_buf.assign((qb - qa) * G * D, acc_t(0));
+    acc_t* dk = ws.grad_a.data();  // [bn, D]
+    acc_t* dv = ws.grad_b.data();  // [bn, D]
+    for (int64_t k0 = ka; k0 < kb; k0 += kGradKeyTile) {
+      const int64_t bn = std::min(kGradKeyTile, kb - k0);
+      std::fill_n(dk, bn * D, acc_t(0));
+      std::fill_n(dv, bn * D, acc_t(0));
+      const acc_t* k_rows = pk.k + (hk * pk.lk + k0) * D;
+      const acc_t* v_rows = pk.v + (hk * pk.lk + k0) * D;
+      for (int64_t p0 = qa; p0 < qb; p0 += pb.query_tile) {
+        const QueryRows qr = load_query_tile({s, p0, std::min(pb.query_tile, qb - p0)}, hk, ws);
+        probabilities(qr, k_rows, v_rows, bn, kGradKeyTile, ws);
+        gemm_atb<acc_t>(bn, D, qr.R, ws.p.data(), kGradKeyTile, qr.dout, D, acc_t(1), dv, D);  // dV += P^T dO
+        softmax_backward(qr.R, bn, kGradKeyTile, ws);
+        gemm_atb<acc_t>(bn, D, qr.R, ws.p.data(), kGradKeyTile, qr.q, D, acc_t(1), dk, D);  // dK += dS^T (scale q)
+        acc_t* dq = dq_buf.data() + (p0 - qa) * G * D;
+        gemm_ab<acc_t>(qr.R, D, bn, ws.p.data(), kGradKeyTile, k_rows, D, acc_t(1), dq, D);  // dQ += dS K
+      }
+      for (int64_t j = 0; j < bn; ++j) store_kv(k0 + j, hk, dk + j * D, dv + j * D);
+    }
+    for (int64_t p0 = qa; p0 < qb; p0 += pb.query_tile) {
+      const int64_t bm = std::min(pb.query_tile, qb - p0);
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < bm; ++i) {
+          acc_t* row = dq_buf.data() + ((p0 - qa) * G + g * bm + i) * D;
+          scale_row(row, D, pb.scale);
+          store_q(p0 + i, hk * G + g, row);
+        }
+      }
+    }
+  }
+
   // Pass 2: dQ of the query tile for the G query heads of kv head hk, over all key tiles of its segment.
   template <typename Store>
   void query_tile(const Tile& tile, int64_t hk, BwdWorkspace<acc_t>& ws, const Store& store) const {
@@ -370,6 +413,23 @@ struct Backward {
     }
   }
 };
+
+// The one-pass backward parallelises over (segment, kv head) only: use it when those items are many (>= 4 per
+// thread) and none of them holds more than 1 / (2 * threads) of the work, so dynamic scheduling balances them.
+template <typename scalar_t, typename acc_t>
+bool use_one_pass(const Problem<scalar_t, acc_t>& pb) {
+  const int64_t threads = at::get_num_threads();
+  int64_t items = 0;
+  double total = 0, largest = 0;
+  for (int64_t s = 0; s < pb.S; ++s) {
+    const double work = double(pb.q_offsets[s + 1] - pb.q_offsets[s]) * double(pb.k_offsets[s + 1] - pb.k_offsets[s]);
+    if (work == 0) continue;
+    items += pb.Hkv;
+    total += work * pb.Hkv;
+    largest = std::max(largest, work);
+  }
+  return items >= 4 * threads && largest * 2 * threads <= total;
+}
 
 // Gradient storage in token space: either the (T, H, D) output directly (each token written at most once) or an
 // acc_t per-position buffer (Lpos, H, D) that is summed into tokens afterwards.
@@ -447,20 +507,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd_cpu(
     GradTarget<scalar_t, acc_t> gv(v.size(0), Lk, Hkv, D, k_unique, k_index, v.options());
     const BwdWorkspace<acc_t> prototype(pb.G * pb.query_tile, std::max(kKeyTile, kGradKeyTile), D);
 
-    const std::vector<Tile> key_tiles = make_tiles(pb.k_offsets, pb.S, kGradKeyTile);
-    for_each_item(static_cast<int64_t>(key_tiles.size()) * Hkv, prototype, [&](int64_t item, BwdWorkspace<acc_t>& ws) {
-      bw.key_tile(key_tiles[item / Hkv], item % Hkv, ws,
-                  [&](int64_t pos, int64_t hk, const acc_t* dk_row, const acc_t* dv_row) {
-                    gk.store(pos, hk, dk_row);
-                    gv.store(pos, hk, dv_row);
-                  });
-    });
-    const std::vector<Tile> query_tiles = make_tiles(pb.q_offsets, pb.S, pb.query_tile);
-    for_each_item(static_cast<int64_t>(query_tiles.size()) * Hkv, prototype,
-                  [&](int64_t item, BwdWorkspace<acc_t>& ws) {
-                    bw.query_tile(query_tiles[item / Hkv], item % Hkv, ws,
-                                  [&](int64_t pos, int64_t h, const acc_t* row) { gq.store(pos, h, row); });
-                  });
+    auto store_kv = [&](int64_t pos, int64_t hk, const acc_t* dk_row, const acc_t* dv_row) {
+      gk.store(pos, hk, dk_row);
+      gv.store(pos, hk, dv_row);
+    };
+    auto store_q = [&](int64_t pos, int64_t h, const acc_t* row) { gq.store(pos, h, row); };
+    if (use_one_pass(pb)) {
+      std::vector<int64_t> segments;  // non-empty ones
+      for (int64_t s = 0; s < pb.S; ++s) {
+        if (pb.q_offsets[s + 1] > pb.q_offsets[s] && pb.k_offsets[s + 1] > pb.k_offsets[s]) segments.push_back(s);
+      }
+      struct OnePassWorkspace {
+        BwdWorkspace<acc_t> tiles;
+        std::vector<acc_t> dq;
+      };
+      for_each_item(static_cast<int64_t>(segments.size()) * Hkv, OnePassWorkspace{prototype, {}},
+                    [&](int64_t item, OnePassWorkspace& ws) {
+                      bw.whole_segment(segments[item / Hkv], item % Hkv, ws.tiles, ws.dq, store_kv, store_q);
+                    });
+    } else {
+      const std::vector<Tile> key_tiles = make_tiles(pb.k_offsets, pb.S, kGradKeyTile);
+      for_each_item(static_cast<int64_t>(key_tiles.size()) * Hkv, prototype,
+                    [&](int64_t item, BwdWorkspace<acc_t>& ws) {
+                      bw.key_tile(key_tiles[item / Hkv], item % Hkv, ws, store_kv);
+                    });
+      const std::vector<Tile> query_tiles = make_tiles(pb.q_offsets, pb.S, pb.query_tile);
+      for_each_item(static_cast<int64_t>(query_tiles.size()) * Hkv, prototype,
+                    [&](int64_t item, BwdWorkspace<acc_t>& ws) {
+                      bw.query_tile(query_tiles[item / Hkv], item % Hkv, ws, store_q);
+                    });
+    }
     dq = gq.finish(q_index, pb.q_offsets[pb.S]);
     dk = gk.finish(k_index, pb.k_offsets[pb.S]);
     dv = gv.finish(k_index, pb.k_offsets[pb.S]);
