@@ -20,7 +20,7 @@ venv: $(VENV)/.deps
 
 build: venv
 	@$(BIN)/pip install -v --no-build-isolation -e . > $(VENV)/build.log 2>&1 || { tail -80 $(VENV)/build.log; exit 1; }
-	@grep -E "Compiling entry function|Used [0-9]+ registers|spill stores" $(VENV)/build.log | sed 's/^ *//' | sort -u || true
+	@grep -E "Compiling entry function|Used [0-9]+ registers|spill stores" $(VENV)/build.log | sed "s/^ *//" || true
 	$(BIN)/python -c "import moga; print('moga', moga.__version__, 'backends:', moga.available_backends())"
 
 lint: venv
