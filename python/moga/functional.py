@@ -13,6 +13,7 @@ from moga._checks import (
 )
 from moga._determinism import deterministic_mode
 from moga.backends import select_backend
+from moga.gate import gated_unpermute
 from moga.layout import RoutedLayout, routed_layout
 from moga.router import route_tokens
 
@@ -39,6 +40,34 @@ def _dense_group_ids(group_ids: torch.Tensor, num_groups: int | None) -> tuple[t
     return torch.where(valid, dense, torch.full_like(dense, -1)), max(uniq.numel() - int(has_padding), 1)
 
 
+def _segment_outputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    routed: RoutedLayout,
+    scale: float,
+    backend: str,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Segment attention over flattened tokens; returns the segment-order outputs (T * top_k, Hq, D).
+
+    ``deterministic`` (or torch's global deterministic flag) is visible to the backend through
+    :func:`moga._determinism.deterministic_enabled` in its forward and in its backward.
+    """
+    B, N, Hq, D = q.shape
+    qf, kf, vf = q.reshape(B * N, Hq, D), k.reshape(B * N, k.shape[2], D), v.reshape(B * N, v.shape[2], D)
+    impl = select_backend(backend, qf, kf, vf)
+    with deterministic_mode(deterministic):
+        out_seg = impl.segment_attention(qf, kf, vf, routed.segments, scale)
+    if not out_seg.requires_grad and torch.is_grad_enabled():
+        # With nothing to attend (N = 0, B = 0, all padding) a backend may return zeros built without reading
+        # q/k/v; tie them to the graph (adding an exact 0) so backward yields zero gradients instead of failing.
+        for t in (qf, kf, vf):
+            if t.requires_grad:
+                out_seg = out_seg + t[:0].sum()
+    return out_seg
+
+
 def _run_segments(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -48,22 +77,9 @@ def _run_segments(
     backend: str,
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """Segment attention over flattened tokens; returns per-entry outputs (T, top_k, Hq, D).
-
-    ``deterministic`` (or torch's global deterministic flag) is visible to the backend through
-    :func:`moga._determinism.deterministic_enabled` in its forward and in its backward.
-    """
+    """Segment attention over flattened tokens; returns per-entry outputs (T, top_k, Hq, D) in token order."""
     B, N, Hq, D = q.shape
-    qf, kf, vf = q.reshape(B * N, Hq, D), k.reshape(B * N, k.shape[2], D), v.reshape(B * N, v.shape[2], D)
-    impl = select_backend(backend, qf, kf, vf)
-    with deterministic_mode(deterministic):
-        out_seg = impl.segment_attention(qf, kf, vf, routed.segments, scale)  # (T * top_k, Hq, D)
-    if not out_seg.requires_grad and torch.is_grad_enabled():
-        # With nothing to attend (N = 0, B = 0, all padding) a backend may return zeros built without reading
-        # q/k/v; tie them to the graph (adding an exact 0) so backward yields zero gradients instead of failing.
-        for t in (qf, kf, vf):
-            if t.requires_grad:
-                out_seg = out_seg + t[:0].sum()
+    out_seg = _segment_outputs(q, k, v, routed, scale, backend, deterministic)
     return out_seg[routed.position].view(B * N, routed.top_k, Hq, D)
 
 
@@ -141,7 +157,5 @@ def moga_attention(
     scale = softmax_scale_or_default(softmax_scale, D)
     _, groups, gates = route_tokens(router_logits, top_k)
     routed = routed_layout(groups, M)
-    per_entry = _run_segments(q, k, v, routed, scale, backend, deterministic)  # (T, K, Hq, D)
-    gates = gates.reshape(B * N, top_k, 1, 1)
-    out = (per_entry.to(gates.dtype) * gates).sum(1) if top_k > 1 else per_entry[:, 0].to(gates.dtype) * gates[:, 0]
-    return out.to(q.dtype).view(q.shape)
+    out_seg = _segment_outputs(q, k, v, routed, scale, backend, deterministic)  # (T * K, Hq, D)
+    return gated_unpermute(out_seg, routed.position, gates.reshape(B * N, top_k)).view(q.shape)

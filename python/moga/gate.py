@@ -1,0 +1,75 @@
+"""The gated un-permute of MoGA: out[t] = sum_j gate[t, j] * out_seg[position[t * K + j]].
+
+One autograd function instead of a gather followed by a broadcast multiply: the products are taken in
+float32 (float64 for float64 inputs) over bounded chunks of tokens, so no float32 copy of the whole
+(T, K, H, D) output is ever allocated (at 580K tokens x 40 heads x 128 that copy alone would be 12 GB), and
+the backward saves nothing new (``out_seg`` is the tensor the attention backward keeps anyway).
+
+Backward: d out_seg[position[t * K + j]] = gate[t, j] * dout[t] (``position`` is a permutation, so every row
+has one writer) and d gate[t, j] = sum over (h, d) of dout[t] * out_seg[position[t * K + j]], the gate's
+gradient the router learns through.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# float32 elements per chunk of the products (128 MB): bounds the temporaries independently of N.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _token_chunks(T: int, row_elements: int) -> tuple[range, int]:
+    """Chunk starts over T tokens and the chunk length, for rows of ``row_elements`` float32 each."""
+    step = max(1, _CHUNK_ELEMENTS // max(row_elements, 1))
+    return range(0, T, step), step
+
+
+class _GatedUnpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out_seg: torch.Tensor, position: torch.Tensor, gates: torch.Tensor):  # type: ignore[override]
+        T, K = gates.shape
+        H, D = out_seg.shape[1], out_seg.shape[2]
+        out = out_seg.new_empty(T, H, D)
+        starts, step = _token_chunks(T, K * H * D)
+        for a in starts:
+            b = min(a + step, T)
+            rows = out_seg.index_select(0, position[a * K : b * K]).view(b - a, K, H, D)
+            acc = _compute_dtype(out_seg)
+            out[a:b] = torch.einsum("tkhd,tk->thd", rows.to(acc), gates[a:b].to(acc)).to(out.dtype)
+        ctx.save_for_backward(out_seg, position, gates)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
+        out_seg, position, gates = ctx.saved_tensors
+        T, K = gates.shape
+        H, D = out_seg.shape[1], out_seg.shape[2]
+        d_seg = d_gates = None
+        if ctx.needs_input_grad[0]:
+            d_seg = out_seg.new_empty(out_seg.shape)
+        if ctx.needs_input_grad[2]:
+            d_gates = torch.empty_like(gates)
+        acc = _compute_dtype(out_seg)
+        starts, step = _token_chunks(T, K * H * D)
+        for a in starts:
+            b = min(a + step, T)
+            g = dout[a:b].to(acc)  # [t, H, D]
+            pos = position[a * K : b * K]
+            if d_seg is not None:
+                rows = torch.einsum("thd,tk->tkhd", g, gates[a:b].to(acc)).reshape(-1, H, D)
+                d_seg.index_copy_(0, pos, rows.to(d_seg.dtype))
+            if d_gates is not None:
+                rows = out_seg.index_select(0, pos).view(b - a, K, H, D).to(acc)
+                d_gates[a:b] = torch.einsum("thd,tkhd->tk", g, rows).to(d_gates.dtype)
+        return d_seg, None, d_gates
+
+
+def gated_unpermute(out_seg: torch.Tensor, position: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """out_seg (L, H, D) segment-order outputs, position (T * K,) int64 permutation of [0, L) with L = T * K,
+    gates (T, K) float -> out (T, H, D) in out_seg's dtype, computed in float32 (float64 for float64 inputs).
+    Differentiable in out_seg and gates."""
+    return _GatedUnpermute.apply(out_seg, position, gates)
