@@ -5,6 +5,10 @@ float32 (float64 for float64 inputs) over bounded chunks of tokens, so no float3
 (T, K, H, D) output is ever allocated (at 580K tokens x 40 heads x 128 that copy alone would be 12 GB), and
 the backward saves nothing new (``out_seg`` is the tensor the attention backward keeps anyway).
 
+Autocast is switched off inside: ``einsum`` is on autocast's lower-precision list, and under a bf16 autocast region it
+would round the gates and the products to bf16 (a relative error of about 3e-3 even for float32 inputs). These
+products are a per-row scaling, not a matmul worth running in low precision.
+
 Backward: d out_seg[position[t * K + j]] = gate[t, j] * dout[t] (``position`` is a permutation, so every row
 has one writer) and d gate[t, j] = sum over (h, d) of dout[t] * out_seg[position[t * K + j]], the gate's
 gradient the router learns through.
@@ -34,12 +38,13 @@ class _GatedUnpermute(torch.autograd.Function):
         T, K = gates.shape
         H, D = out_seg.shape[1], out_seg.shape[2]
         out = out_seg.new_empty(T, H, D)
+        acc = _compute_dtype(out_seg)
         starts, step = _token_chunks(T, K * H * D)
-        for a in starts:
-            b = min(a + step, T)
-            rows = out_seg.index_select(0, position[a * K : b * K]).view(b - a, K, H, D)
-            acc = _compute_dtype(out_seg)
-            out[a:b] = torch.einsum("tkhd,tk->thd", rows.to(acc), gates[a:b].to(acc)).to(out.dtype)
+        with torch.autocast(out_seg.device.type, enabled=False):
+            for a in starts:
+                b = min(a + step, T)
+                rows = out_seg.index_select(0, position[a * K : b * K]).view(b - a, K, H, D)
+                out[a:b] = torch.einsum("tkhd,tk->thd", rows.to(acc), gates[a:b].to(acc)).to(out.dtype)
         ctx.save_for_backward(out_seg, position, gates)
         return out
 
@@ -55,16 +60,17 @@ class _GatedUnpermute(torch.autograd.Function):
             d_gates = torch.empty_like(gates)
         acc = _compute_dtype(out_seg)
         starts, step = _token_chunks(T, K * H * D)
-        for a in starts:
-            b = min(a + step, T)
-            g = dout[a:b].to(acc)  # [t, H, D]
-            pos = position[a * K : b * K]
-            if d_seg is not None:
-                rows = torch.einsum("thd,tk->tkhd", g, gates[a:b].to(acc)).reshape(-1, H, D)
-                d_seg.index_copy_(0, pos, rows.to(d_seg.dtype))
-            if d_gates is not None:
-                rows = out_seg.index_select(0, pos).view(b - a, K, H, D).to(acc)
-                d_gates[a:b] = torch.einsum("thd,tkhd->tk", g, rows).to(d_gates.dtype)
+        with torch.autocast(out_seg.device.type, enabled=False):
+            for a in starts:
+                b = min(a + step, T)
+                g = dout[a:b].to(acc)  # [t, H, D]
+                pos = position[a * K : b * K]
+                if d_seg is not None:
+                    rows = torch.einsum("thd,tk->tkhd", g, gates[a:b].to(acc)).reshape(-1, H, D)
+                    d_seg.index_copy_(0, pos, rows.to(d_seg.dtype))
+                if d_gates is not None:
+                    rows = out_seg.index_select(0, pos).view(b - a, K, H, D).to(acc)
+                    d_gates[a:b] = torch.einsum("thd,tkhd->tk", g, rows).to(d_gates.dtype)
         return d_seg, None, d_gates
 
 
