@@ -21,7 +21,7 @@ from torch import nn
 
 from moga._checks import check_top_k
 from moga.modules import WindowArg, WindowSplit, apply_rotary_interleaved, moga_layer_attention
-from moga.router import MoGARouter, group_balance_loss
+from moga.router import MoGARouter, group_balance_loss, route_tokens
 from moga.window import check_context_frames, check_window
 
 SHOT_STARTS_KEY = "shot_starts"
@@ -98,7 +98,8 @@ class MoGAWanAttnProcessor:
         )
         self.last_balance_loss = group_balance_loss(logits, self.top_k, form="paper")
         with torch.no_grad():
-            groups = torch.topk(logits.float(), self.top_k, dim=-1).indices.reshape(-1)
+            # The routing moga_attention used (ties to the lower group), not torch.topk's tie order.
+            groups = route_tokens(logits, self.top_k)[1].reshape(-1)
             counts = torch.zeros(logits.shape[-1], device=logits.device).index_add_(
                 0, groups, torch.ones_like(groups, dtype=torch.float32)
             )
