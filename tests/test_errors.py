@@ -42,6 +42,8 @@ def test_group_ids_errors():
         moga.group_attention(q, k, v, torch.full((1, 8), 4), num_groups=4)
     with pytest.raises(ValueError, match="num_groups"):
         moga.group_attention(q, k, v, torch.zeros(1, 8, dtype=torch.long), num_groups=0)
+    with pytest.raises(TypeError, match="num_groups must be an int"):
+        moga.group_attention(q, k, v, torch.zeros(1, 8, dtype=torch.long), num_groups=2.0)
 
 
 def test_router_logits_and_top_k_errors():

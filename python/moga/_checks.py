@@ -52,6 +52,16 @@ def check_group_ids(group_ids: torch.Tensor, B: int, N: int, device: torch.devic
         raise ValueError(f"group_ids is on {group_ids.device} but q is on {device}")
 
 
+def check_num_groups(num_groups: int | None) -> None:
+    """None, or a positive int (the number of group ids of :func:`moga.group_attention`)."""
+    if num_groups is None:
+        return
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int or None, got {type(num_groups).__name__}")
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be positive, got {num_groups}")
+
+
 def check_router_logits(router_logits: torch.Tensor, B: int, N: int, device: torch.device) -> int:
     """Return M, the number of groups."""
     if not isinstance(router_logits, torch.Tensor):

@@ -6,6 +6,7 @@ import torch
 
 from moga._checks import (
     check_group_ids,
+    check_num_groups,
     check_qkv,
     check_router_logits,
     check_top_k,
@@ -21,9 +22,8 @@ from moga.router import route_tokens
 def _dense_group_ids(group_ids: torch.Tensor, num_groups: int | None) -> tuple[torch.Tensor, int]:
     """Map arbitrary non-negative ids to [0, G); negative ids stay -1."""
     ids = group_ids.long()
+    check_num_groups(num_groups)
     if num_groups is not None:
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
         in_range = (ids < num_groups).all()
         if ids.device.type == "cpu":
             if not bool(in_range):
@@ -35,9 +35,10 @@ def _dense_group_ids(group_ids: torch.Tensor, num_groups: int | None) -> tuple[t
     # pass num_groups to avoid it.
     valid = ids >= 0
     uniq, inverse = torch.unique(torch.where(valid, ids, torch.full_like(ids, -1)), return_inverse=True)
-    has_padding = uniq.numel() > 0 and bool(uniq[0] < 0)
-    dense = inverse - int(has_padding)
-    return torch.where(valid, dense, torch.full_like(dense, -1)), max(uniq.numel() - int(has_padding), 1)
+    # Padding, when present, is uniq[0] = -1: shift the real ids down on the device instead of reading uniq[0]
+    # back (a second sync). G then also counts -1, which leaves one empty segment per batch row.
+    dense = inverse - (uniq[:1] < 0).sum()
+    return torch.where(valid, dense, torch.full_like(dense, -1)), max(uniq.numel(), 1)
 
 
 def _segment_outputs(

@@ -31,6 +31,7 @@ from moga import _alloc
 from moga._checks import (
     FLOAT_DTYPES,
     check_group_ids,
+    check_num_groups,
     check_qkv,
     check_router_logits,
     check_top_k,
@@ -317,9 +318,7 @@ def ulysses_group_attention(
     def check_local() -> list[int]:
         signature = _local_signature(q, k, v, softmax_scale, world)
         check_group_ids(group_ids, signature[0], signature[1], q.device)
-        bad_count = isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1
-        if num_groups is not None and bad_count:
-            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        check_num_groups(num_groups)
         signature[5] = -1 if num_groups is None else num_groups
         return signature
 
