@@ -45,11 +45,23 @@ def test_balance_loss_bad_form():
         moga.group_balance_loss(torch.randn(2, 3), form="nope")
 
 
+@pytest.mark.parametrize("fn", [moga.route_tokens, moga.group_balance_loss])
+def test_bad_router_logits_raise(fn):
+    with pytest.raises(TypeError, match="router_logits must be a torch.Tensor"):
+        fn([[0.1, 0.9]])
+    with pytest.raises(TypeError, match="floating-point"):
+        fn(torch.zeros(2, 3, dtype=torch.long))
+    for shape in [(), (2, 0)]:
+        with pytest.raises(ValueError, match=r"router_logits must have shape \(\.\.\., num_groups\)"):
+            fn(torch.zeros(shape))
+
+
 def test_route_tokens_topk_order_ties_and_gates():
     logits = torch.tensor([[[0.0, 2.0, 2.0, -1.0], [1.0, 1.0, 1.0, 1.0]]])
     probs, groups, gates = moga.route_tokens(logits, top_k=2)
     assert groups.tolist() == [[[1, 2], [0, 1]]]
-    torch.testing.assert_close(gates, probs.gather(-1, groups))
+    p_max = math.exp(2) / (1 + 2 * math.exp(2) + math.exp(-1))  # softmax of (0, 2, 2, -1) at a 2
+    torch.testing.assert_close(gates, torch.tensor([[[p_max, p_max], [0.25, 0.25]]]))
     torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2))
 
 

@@ -32,18 +32,30 @@ class MoGARouter(nn.Module):
         return f"dim={self.dim}, num_groups={self.num_groups}, bias={self.proj.bias is not None}"
 
 
+def _check_logits(router_logits: torch.Tensor) -> None:
+    if not isinstance(router_logits, torch.Tensor):
+        raise TypeError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
+    if not router_logits.dtype.is_floating_point:
+        raise TypeError(f"router_logits must be a floating-point tensor, got {router_logits.dtype}")
+    if router_logits.dim() < 1 or router_logits.shape[-1] < 1:
+        raise ValueError(
+            f"router_logits must have shape (..., num_groups) with num_groups >= 1, got {tuple(router_logits.shape)}"
+        )
+
+
 def route_tokens(router_logits: torch.Tensor, top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax the router logits and pick each token's top_k groups.
 
     Args:
-        router_logits: (B, N, M) float.
+        router_logits: (..., M) float, usually (B, N, M).
         top_k: groups per token, in [1, M].
 
     Returns:
-        probs: (B, N, M) float32 (float64 for float64 logits), p = softmax(logits).
-        groups: (B, N, top_k) int64, most probable first; ties go to the lower group index.
-        gates: (B, N, top_k), ``probs`` at ``groups`` (differentiable: the router's only gradient path).
+        probs: (..., M) float32 (float64 for float64 logits), p = softmax(logits).
+        groups: (..., top_k) int64, most probable first; ties go to the lower group index.
+        gates: (..., top_k), ``probs`` at ``groups`` (differentiable: the router's only gradient path).
     """
+    _check_logits(router_logits)
     check_top_k(top_k, router_logits.shape[-1])
     compute_dtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
     probs = torch.softmax(router_logits.to(compute_dtype), dim=-1)
@@ -70,8 +82,7 @@ def group_balance_loss(router_logits: torch.Tensor, top_k: int = 1, *, form: str
     """
     if form not in ("paper", "switch"):
         raise ValueError(f"form must be 'paper' or 'switch', got {form!r}")
-    if not router_logits.dtype.is_floating_point or router_logits.dim() < 1:
-        raise TypeError(f"router_logits must be a floating-point tensor (..., M), got {router_logits.dtype}")
+    _check_logits(router_logits)
     M = router_logits.shape[-1]
     logits = router_logits.reshape(-1, M)
     probs, groups, _ = route_tokens(logits.unsqueeze(0), top_k)
