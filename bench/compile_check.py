@@ -3,9 +3,9 @@
 
 Imports every kernel package under ``kernels/`` that exposes ``compile_specs()`` (see
 ``kernels/compile_spec.py``), compiles each spec with Triton's ahead-of-time compiler for sm_80 and sm_90a
-(no GPU needed), runs Triton's own ``ptxas -v`` on the PTX, prints one table and exits non-zero when a
-configuration spills registers to local memory, exceeds the architecture's shared memory per block, or fails
-to compile.
+(or the architectures the spec names; no GPU needed), runs Triton's own ``ptxas -v`` on the PTX, prints one
+table and exits non-zero when a configuration spills registers to local memory, exceeds the architecture's
+shared memory per block, or fails to compile.
 
     python bench/compile_check.py                    # all kernel packages, sm_80 and sm_90a
     python bench/compile_check.py --modules pkg.mod  # specific modules exposing compile_specs()
@@ -181,6 +181,12 @@ def discover_modules() -> list[str]:
     return found
 
 
+def _spec_archs(module_specs: dict[str, list], module: str, index: int, archs: list[str]) -> list[str]:
+    """The requested architectures that launch this spec (all of them unless the spec names its own)."""
+    own = getattr(module_specs[module][index], "archs", ())
+    return [arch for arch in archs if not own or arch in own]
+
+
 def _dedupe(module_specs: dict[str, list]) -> list[tuple[str, int, list[str]]]:
     """(module, index, names) per distinct configuration: identical compiles are done once."""
     seen: dict[tuple, tuple[str, int, list[str]]] = {}
@@ -193,6 +199,7 @@ def _dedupe(module_specs: dict[str, list]) -> list[tuple[str, int, list[str]]]:
                 tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())),
                 spec.num_warps,
                 spec.num_stages,
+                tuple(getattr(spec, "archs", ())),
             )
             if key in seen:
                 seen[key][2].append(spec.name)
@@ -240,11 +247,16 @@ def main(argv: list[str] | None = None) -> int:
         print("compile_check: no kernel package exposes compile_specs(); nothing to compile")
         return 0
     configs = _dedupe(module_specs)
-    jobs = [(module, index, arch) for module, index, _ in configs for arch in args.arch]
+    per_config_archs = [_spec_archs(module_specs, module, index, args.arch) for module, index, _ in configs]
+    jobs = [
+        (module, index, arch)
+        for (module, index, _), archs in zip(configs, per_config_archs, strict=True)
+        for arch in archs
+    ]
     n_specs = sum(len(s) for s in module_specs.values())
     print(
-        f"compile_check: {n_specs} specs ({len(configs)} distinct) x {len(args.arch)} archs from {modules}, "
-        f"{args.jobs} process(es)",
+        f"compile_check: {n_specs} specs ({len(configs)} distinct), {len(jobs)} compiles for {args.arch} "
+        f"from {modules}, {args.jobs} process(es)",
         flush=True,
     )
     if args.jobs <= 1:
@@ -255,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             results = list(pool.map(compile_one, *zip(*jobs, strict=True)))
     # Expand deduplicated configurations back to every spec name, in spec order.
     rows = []
-    for (_, _, names), per_arch in zip(configs, _chunks(results, len(args.arch)), strict=True):
+    done = iter(results)
+    for (_, _, names), archs in zip(configs, per_config_archs, strict=True):
+        per_arch = [next(done) for _ in archs]
         for name in names:
             for r in per_arch:
                 rows.append(Row(**{**asdict(r), "kernel": name}))
@@ -267,10 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"elapsed_s": elapsed, "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 1 if bad else 0
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Every kernel package exposes ``compile_specs() -> list[CompileSpec]`` listing each configuration the
 library can launch in production (all head dims, dtypes, block sizes and autotune candidates);
-``bench/compile_check.py`` compiles each for sm_80 and sm_90a and reads registers, spills and shared memory.
+``bench/compile_check.py`` compiles each for sm_80 and sm_90a (or the spec's own ``archs``) and reads registers,
+spills and shared memory.
 """
 
 from __future__ import annotations
@@ -19,3 +20,5 @@ class CompileSpec:
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    # Architectures that launch this configuration ("sm_80", "sm_90a"); empty: every architecture checked.
+    archs: tuple[str, ...] = ()

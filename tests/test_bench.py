@@ -295,12 +295,16 @@ def compile_specs():
         CompileSpec("scale_rows[fp32,B=1024]", scale_rows, SCALE_SIG, {"BLOCK": 1024}, num_warps=4, num_stages=1),
         CompileSpec("scale_rows[fp32,B=1024,dup]", scale_rows, SCALE_SIG, {"BLOCK": 1024}, num_warps=4, num_stages=1),
         CompileSpec("big_tile[fp32,BM=256,D=256]", big_tile, BIG_SIG, {"BM": 256, "D": 256}, num_warps=4, num_stages=1),
+        # Launched on sm_80 only: a check run for sm_90a must not compile it.
+        CompileSpec("scale_rows[fp32,B=512,sm_80]", scale_rows, SCALE_SIG, {"BLOCK": 512}, num_warps=4, num_stages=1,
+                    archs=("sm_80",)),
     ]
 """
 
 
 def test_compile_check_on_small_kernels(tmp_path: Path) -> None:
-    """A real AOT compile (no GPU, no interpreter): the clean kernel passes, the spilling one fails the run."""
+    """A real AOT compile (no GPU, no interpreter): the clean kernel passes, the spilling one fails the run, and a
+    spec restricted to another architecture is not compiled."""
     (tmp_path / "tiny_kernels.py").write_text(textwrap.dedent(TINY_KERNELS))
     out_json = tmp_path / "cc.json"
     cmd = [sys.executable, str(ROOT / "bench" / "compile_check.py"), "--modules", "tiny_kernels",
@@ -310,7 +314,7 @@ def test_compile_check_on_small_kernels(tmp_path: Path) -> None:
     )  # fmt: skip  (compile_check must drop it itself)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "3 specs (2 distinct)" in proc.stdout
+    assert "4 specs (3 distinct), 2 compiles" in proc.stdout
     rows = {r["kernel"]: r for r in json.loads(out_json.read_text())["rows"]}
     assert set(rows) == {"scale_rows[fp32,B=1024]", "scale_rows[fp32,B=1024,dup]", "big_tile[fp32,BM=256,D=256]"}
     clean = rows["scale_rows[fp32,B=1024]"]

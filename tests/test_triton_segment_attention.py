@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 if triton_backend is not None and triton_backend.is_available():
     from moga.kernels.segment_attention import compile_specs, segment_attention_fwd, segment_attention_naive
-    from moga.kernels.segment_attention.configs import DTYPES, HEAD_DIMS, config
+    from moga.kernels.segment_attention.configs import DTYPES, HEAD_DIMS, config, production_config
     from moga.kernels.segment_attention.tiles import build_tile_table, tile_bound
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -281,16 +281,26 @@ def test_unsupported_inputs_are_refused() -> None:
         group_attention(q, q, q, torch.zeros(1, 8, dtype=torch.int64, device=DEVICE), backend="triton")
 
 
-def test_compile_specs_list_every_production_config() -> None:
-    specs = compile_specs()
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_compile_specs_list_every_production_config(arch: str) -> None:
+    """Each architecture checks exactly one configuration per (kernel, output mode, D, dtype): the one it launches."""
+    specs = [s for s in compile_specs() if not s.archs or arch in s.archs]
     names = {s.name for s in specs}
     assert len(names) == len(specs) == len(HEAD_DIMS) * len(DTYPES) * 6 + len(DTYPES)  # + gradient reduction
     for kernel in ("fwd", "preprocess", "dkdv", "dq"):
         for D in HEAD_DIMS:
-            for t in ("fp16", "bf16", "fp32"):
-                assert any(f"{kernel}" in n and f"[{t},D={D}," in n for n in names), (kernel, D, t)
+            for dtype, t in zip(DTYPES, ("fp16", "bf16", "fp32"), strict=True):
+                cfg = production_config(kernel, D, dtype, hopper=arch == "sm_90a")
+                label = f"[{t},D={D},BM={cfg.block_m},BN={cfg.block_n},w{cfg.num_warps},s{cfg.num_stages}]"
+                assert any(n.startswith(f"segment_attn_{'bwd_' if kernel != 'fwd' else ''}{kernel}") and label in n
+                           for n in names), (kernel, D, t, label)  # fmt: skip
     for spec in specs:
         assert set(spec.constexprs) <= set(spec.signature) and spec.signature.keys() == set(spec.fn.arg_names)
     for dtype in DTYPES:  # under the interpreter one small configuration, still a valid tl.dot shape
-        cfg = config("fwd", 64, dtype)
+        cfg = config("fwd", 64, dtype, torch.device(DEVICE))
         assert cfg.block_m >= 16 and cfg.block_n >= 16
+
+
+def test_backend_and_kernel_tables_agree() -> None:
+    """The backend refuses what the kernels cannot run (it keeps its own copy to avoid importing triton)."""
+    assert triton_backend.HEAD_DIMS == HEAD_DIMS and triton_backend.DTYPES == DTYPES

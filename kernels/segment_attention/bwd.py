@@ -226,7 +226,7 @@ def segment_attention_bwd(
 
     delta = _alloc.empty(Hq, Lq, dtype=torch.float32, device=device)
     if Lq > 0:
-        cfg = config("preprocess", D, q.dtype)
+        cfg = config("preprocess", D, q.dtype, device)
         segment_attn_bwd_preprocess_kernel[(triton.cdiv(Lq, cfg.block_m), Hq)](
             out, dout, delta, Lq,
             out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
@@ -236,7 +236,7 @@ def segment_attention_bwd(
     dk = _token_grad_buffers(layout.k_unique, T, Lk, Hkv, D, k.dtype, device)
     dv = _token_grad_buffers(layout.k_unique, T, Lk, Hkv, D, v.dtype, device)
     if Lk > 0:
-        cfg = config("dkdv", D, q.dtype)
+        cfg = config("dkdv", D, q.dtype, device)
         tiles = build_tile_table(
             layout.k_offsets, layout.q_offsets, Lk, cfg.block_n, include_tail=not layout.k_unique
         )
@@ -253,7 +253,7 @@ def segment_attention_bwd(
 
     dq = _token_grad_buffers(layout.q_unique, T, Lq, Hq, D, q.dtype, device)
     if Lq > 0:
-        cfg = config("dq", D, q.dtype)
+        cfg = config("dq", D, q.dtype, device)
         tiles = build_tile_table(
             layout.q_offsets, layout.k_offsets, Lq, cfg.block_m, include_tail=not layout.q_unique
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from moga.kernels.compile_spec import CompileSpec
@@ -97,16 +99,29 @@ def _spec(name, t, D, cfg, fn, signature, constexprs) -> CompileSpec:
     )  # fmt: skip
 
 
+def _kernel_specs(kernel: str, D: int, dtype: torch.dtype, cfg: KernelConfig) -> list[CompileSpec]:
+    if kernel == "fwd":
+        return [fwd_spec(D, dtype, cfg)]
+    if kernel == "preprocess":
+        return [preprocess_spec(D, dtype, cfg)]
+    return [grad_spec(kernel, D, dtype, cfg, scatter) for scatter in (True, False)]
+
+
 def compile_specs() -> list[CompileSpec]:
     """Every kernel (fwd, bwd preprocess, dk/dv and dq in both output modes) for D in HEAD_DIMS x DTYPES, and the
-    gradient reduction per dtype."""
+    gradient reduction per dtype. A configuration with a Hopper replacement is checked for sm_80 only, and the
+    replacement for sm_90a only."""
     specs = []
     for D in HEAD_DIMS:
         for dtype in DTYPES:
-            specs.append(fwd_spec(D, dtype, production_config("fwd", D, dtype)))
-            specs.append(preprocess_spec(D, dtype, production_config("preprocess", D, dtype)))
-            for kernel in ("dkdv", "dq"):
-                for scatter in (True, False):
-                    specs.append(grad_spec(kernel, D, dtype, production_config(kernel, D, dtype), scatter))
+            for kernel in ("fwd", "preprocess", "dkdv", "dq"):
+                base = production_config(kernel, D, dtype)
+                hopper = production_config(kernel, D, dtype, hopper=True)
+                if hopper == base:
+                    specs += _kernel_specs(kernel, D, dtype, base)
+                else:
+                    specs += [replace(s, archs=("sm_80",)) for s in _kernel_specs(kernel, D, dtype, base)]
+                    specs += [replace(s, archs=("sm_90a",)) for s in _kernel_specs(kernel, D, dtype, hopper)]
     specs += [reduce_spec(dtype) for dtype in DTYPES]
     return specs
+

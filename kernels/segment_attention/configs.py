@@ -1,8 +1,9 @@
 """Launch configurations (block sizes, warps, pipeline stages) of the segment-attention kernels.
 
-One table per kernel, keyed by (head dim, dtype). Every entry is compiled for sm_80 and sm_90a by the
-no-GPU compile check (``compile_specs()`` in ``__init__``) and must use no local memory (no register
-spills) and fit the smaller of the two shared memories (163 KB on sm_80). Under the Triton interpreter a
+One table per kernel, keyed by (head dim, dtype), plus Hopper (sm_90) entries where Hopper can take larger
+tiles. Every entry is compiled by the no-GPU compile check (``compile_specs()`` in ``__init__``) for each
+architecture that launches it (table entries: sm_80 and sm_90a unless overridden; ``HOPPER``: sm_90a) and
+must use no local memory (no register spills) and fit that architecture's shared memory. Under the Triton interpreter a
 single small configuration is used: the interpreter cannot autotune, and small tiles exercise the
 multi-tile loops with small test inputs.
 """
@@ -45,7 +46,9 @@ _16BIT, _FP32 = "16bit", "fp32"
 FWD = {
     (32, _16BIT): KernelConfig(128, 64, 8, 3),
     (64, _16BIT): KernelConfig(128, 64, 8, 3),
-    (128, _16BIT): KernelConfig(128, 32, 8, 2),
+    # 3 stages, not 2: Triton's pipeliner only prefetches the k_index load (one indirection before the K/V
+    # gathers) when num_stages > 2; with 2 its latency is paid synchronously every key step.
+    (128, _16BIT): KernelConfig(128, 32, 8, 3),
     (256, _16BIT): KernelConfig(64, 32, 8, 2),
     (32, _FP32): KernelConfig(64, 32, 4, 2),
     (64, _FP32): KernelConfig(32, 32, 4, 1),
@@ -82,6 +85,13 @@ PREPROCESS = {(d, kind): KernelConfig(max(16, 4096 // d), 0, 4, 1) for d in HEAD
 
 TABLES = {"fwd": FWD, "dkdv": DKDV, "dq": DQ, "preprocess": PREPROCESS}
 
+# Hopper (compute capability 9.x) entries that replace the tables' above. With wgmma accumulators the forward
+# at D=128 holds a 64-key tile without spilling (208 registers on sm_90a), where sm_80's mma.sync layout
+# spills (255 registers + 204 bytes): the tables must suit sm_80, so the larger tile is Hopper's alone.
+HOPPER = {
+    ("fwd", 128, _16BIT): KernelConfig(128, 64, 8, 3),
+}
+
 
 def _dtype_kind(dtype: torch.dtype) -> str:
     if dtype in (torch.float16, torch.bfloat16):
@@ -91,16 +101,24 @@ def _dtype_kind(dtype: torch.dtype) -> str:
     raise TypeError(f"segment attention kernels support float16, bfloat16 and float32, got {dtype}")
 
 
-def production_config(kernel: str, head_dim: int, dtype: torch.dtype) -> KernelConfig:
-    """The GPU configuration of ``kernel`` ("fwd", "dkdv", "dq" or "preprocess")."""
+def production_config(kernel: str, head_dim: int, dtype: torch.dtype, hopper: bool = False) -> KernelConfig:
+    """The GPU configuration of ``kernel`` ("fwd", "dkdv", "dq" or "preprocess"); ``hopper``: for sm_90."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
-    return TABLES[kernel][(head_dim, _dtype_kind(dtype))]
+    kind = _dtype_kind(dtype)
+    if hopper and (kernel, head_dim, kind) in HOPPER:
+        return HOPPER[(kernel, head_dim, kind)]
+    return TABLES[kernel][(head_dim, kind)]
 
 
-def config(kernel: str, head_dim: int, dtype: torch.dtype) -> KernelConfig:
-    """The configuration to launch: the interpreter's under TRITON_INTERPRET=1, else the production one."""
-    cfg = production_config(kernel, head_dim, dtype)
+def is_hopper(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.x (host metadata, cached by torch: no synchronisation)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+    """The configuration to launch on ``device``: the interpreter's under TRITON_INTERPRET=1, else the
+    production one for the device's architecture."""
     if interpreting():
-        return INTERPRETER_CONFIG if kernel != "preprocess" else cfg
-    return cfg
+        return INTERPRETER_CONFIG if kernel != "preprocess" else production_config(kernel, head_dim, dtype)
+    return production_config(kernel, head_dim, dtype, hopper=is_hopper(device))

@@ -123,7 +123,7 @@ def segment_attention_fwd(
     lse = _alloc.empty(Hq, Lq, dtype=torch.float32, device=q.device)
     if Lq == 0:
         return out, lse
-    cfg = config("fwd", D, q.dtype)
+    cfg = config("fwd", D, q.dtype, q.device)
     tiles = build_tile_table(layout.q_offsets, layout.k_offsets, Lq, cfg.block_m, include_tail=True)
     grid = (tiles.shape[0], Hq)
     segment_attn_fwd_kernel[grid](
