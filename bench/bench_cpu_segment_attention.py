@@ -2,9 +2,9 @@
 
 Default problem (the CPU performance target): fp32, B=1, H=4, D=64, N=16384, M=8 balanced groups (random
 assignment). Reports the median wall time of --repeats rounds after one warm-up, for the forward and for
-forward+backward, and the speed-up of the cpu backend over each baseline. Each round runs every implementation
-once, so on a shared machine they all see similar background load; the min/max spread and the median process CPU
-time (all threads) are printed beside the median.
+forward+backward, GFLOP/s on the work each implementation does (moga.bench.flops), and the speed-up of the cpu
+backend over each baseline. Each round runs every implementation once, so on a shared machine they all see similar
+background load; the min/max spread and the median process CPU time (all threads) are printed beside the median.
 
     python bench/bench_cpu_segment_attention.py [--n 16384] [--heads 4] [--dim 64] [--groups 8] [--repeats 5]
 """
@@ -17,28 +17,20 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 import moga
+from moga.bench import baselines
+from moga.bench.flops import dense_attention_flops, group_attention_flops
 
 
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ids: torch.Tensor, M: int) -> torch.Tensor:
     """Full attention over all N tokens (what MoGA replaces). (B, N, H, D) -> (B, N, H, D)."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return baselines.dense_sdpa(q, k, v)
 
 
 def naive_recipe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ids: torch.Tensor, M: int) -> torch.Tensor:
     """argsort by group, gather, one SDPA call per group, scatter back (B = 1)."""
-    order = torch.argsort(group_ids[0], stable=True)
-    sizes = torch.bincount(group_ids[0], minlength=M).tolist()
-    qs, ks, vs = (t[0, order].transpose(0, 1) for t in (q, k, v))  # [H, N, D] in group order
-    pieces = [
-        F.scaled_dot_product_attention(qg, kg, vg)
-        for qg, kg, vg in zip(qs.split(sizes, 1), ks.split(sizes, 1), vs.split(sizes, 1), strict=True)
-    ]
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel())
-    return torch.cat(pieces, 1).transpose(0, 1)[inverse].unsqueeze(0)
+    return baselines.sorted_recipe(q, k, v, group_ids, M)
 
 
 def cpu_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ids: torch.Tensor, M: int) -> torch.Tensor:
@@ -59,10 +51,10 @@ def time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return times
 
 
-def _report(name: str, phase: str, median: float, lo: float, hi: float, cpu: float) -> None:
+def _report(name: str, phase: str, median: float, lo: float, hi: float, cpu: float, flops: int) -> None:
     print(
-        f"  {name:13s} {phase:8s} median {median * 1e3:9.1f} ms  (min {lo * 1e3:.1f}, max {hi * 1e3:.1f}; "
-        f"process CPU time median {cpu * 1e3:.1f} ms)"
+        f"  {name:13s} {phase:8s} median {median * 1e3:9.1f} ms  {flops / median / 1e9:7.1f} GFLOP/s  "
+        f"(min {lo * 1e3:.1f}, max {hi * 1e3:.1f}; process CPU time median {cpu * 1e3:.1f} ms)"
     )
 
 
@@ -101,9 +93,12 @@ def main() -> None:
                 fn(q, k, v, group_ids, M)
 
         def fwd_bwd(fn=fn, leaves=leaves) -> None:
+            for t in leaves:
+                t.grad = None
             fn(*leaves, group_ids, M).backward(dout)
 
         fns[name, "fwd"], fns[name, "fwd+bwd"] = fwd, fwd_bwd
+    sizes = torch.bincount(group_ids[0], minlength=M).tolist()
     results: dict[tuple[str, str], float] = {}
     for phase in ("fwd", "fwd+bwd"):
         times = time_rounds({name: fns[name, phase] for name in impls}, args.repeats)
@@ -111,7 +106,11 @@ def main() -> None:
             wall = [w for w, _ in times[name]]
             results[name, phase] = statistics.median(wall)
             cpu = statistics.median(c for _, c in times[name])
-            _report(name, phase, results[name, phase], min(wall), max(wall), cpu)
+            # FLOPs of the work each implementation does: dense N^2, or the groups' sum of n_g^2.
+            backward = phase == "fwd+bwd"
+            flops = dense_attention_flops(N, D, H, backward) if name == "dense sdpa" else (
+                group_attention_flops(sizes, D, H, backward))  # fmt: skip
+            _report(name, phase, results[name, phase], min(wall), max(wall), cpu, flops)
     for base in [b for b in impls if b != "cpu backend"]:
         for phase in ("fwd", "fwd+bwd"):
             ratio = results[base, phase] / results["cpu backend", phase]
