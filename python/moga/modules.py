@@ -20,7 +20,7 @@ from torch import nn
 from moga._checks import check_top_k
 from moga.functional import moga_attention
 from moga.router import MoGARouter, group_balance_loss
-from moga.window import Grid, check_window, window_attention
+from moga.window import Grid, check_context_frames, check_window, window_attention
 
 QK_NORM_EPS = 1e-6  # Wan 2.1's RMSNorm eps on the q/k projections
 
@@ -232,8 +232,7 @@ class MoGAAttention(nn.Module):
         check_top_k(top_k, num_groups)
         if window is not None and not isinstance(window, WindowSplit):
             window = check_window(window)
-        if context_frames < 0:
-            raise ValueError(f"context_frames must be >= 0, got {context_frames}")
+        check_context_frames(context_frames)
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.num_groups, self.top_k = num_groups, top_k
