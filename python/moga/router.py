@@ -60,7 +60,8 @@ def route_tokens(router_logits: torch.Tensor, top_k: int = 1) -> tuple[torch.Ten
     compute_dtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
     probs = torch.softmax(router_logits.to(compute_dtype), dim=-1)
     # A stable descending sort keeps equal probabilities in index order: ties go to the lower group.
-    groups = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
+    # (contiguous: gather saves its index for backward, and a slice would keep all M sort indices alive)
+    groups = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k].contiguous()
     gates = probs.gather(-1, groups)
     return probs, groups, gates
 
