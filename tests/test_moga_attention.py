@@ -86,7 +86,8 @@ def test_nan_logits_stay_in_their_token(backend):
     logits[0, 7, 2] = float("nan")
     out = moga.moga_attention(q, k, v, logits, backend=backend)
     bad = ~torch.isfinite(out).all(-1).all(-1)[0]
-    assert bad.nonzero().flatten().tolist() in ([], [7])
+    # token 7's probabilities are all NaN, so its gate is: its own output is NaN, and nothing else is touched
+    assert bad.nonzero().flatten().tolist() == [7]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -59,8 +58,7 @@ def test_float16_and_custom_scale(backend):
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_bfloat16_within_twice_the_error_of_pytorch_bfloat16(backend):
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the Triton interpreter's bf16 tl.dot is wrong (TOOLCHAIN.md); bf16 is checked on the GPU")
+    # (Under the Triton interpreter the kernels upcast bf16 tiles before tl.dot, whose bf16 path is wrong there.)
     grid, window, shots, c = (4, 4, 4), (2, 2, 3), [1], 1
     q, k, v = qkv(2, 64, 2, 2, 32, dtype=torch.bfloat16, requires_grad=False)
     ref = window_attention_ref(q, k, v, grid, window, shots, c)
