@@ -470,7 +470,7 @@ def test_collectives_move_the_documented_slices(records) -> None:
 
 
 ERROR_EXPECTATIONS = {
-    # case: (exception type, a phrase every rank's message must contain, or None to skip the text check)
+    # case: (exception type, a phrase every rank's message must contain)
     "q_heads": ("ValueError", "divisible by the world size"),
     "kv_heads": ("ValueError", "kv heads (1)"),
     "group_heads": ("ValueError", "divisible by the world size"),

@@ -109,6 +109,9 @@ def routed_layout(groups: torch.Tensor, num_groups: int) -> RoutedLayout:
         groups: (B, N, K) int64 group of each token's K slots in ``[0, num_groups)``, or negative for
             padding (the token is neither query nor key in that slot).
         num_groups: M, the number of groups per batch row; segments are (batch row, group) pairs, S = B * M.
+
+    Returns: a :class:`RoutedLayout` whose segments hold each (row, group)'s entries in token order, as queries
+    and as keys (``q_unique``/``k_unique`` iff K == 1), and ``position`` (B * N * K,) int64.
     """
     B, N, K = groups.shape
     batch = torch.arange(B, device=groups.device, dtype=torch.int64).view(B, 1, 1)

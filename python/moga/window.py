@@ -191,7 +191,8 @@ def window_attention(
         grid: (T, H, W) latent frames, rows, columns; T * H * W == N.
         window: (wt, wh, ww) window size in frames, rows, columns; (1, H, W) is per-frame attention.
         shot_starts: latent frames where shots begin (strictly increasing, in [0, T); 0 may be omitted).
-            Temporal windows restart at every shot. Shared by all batch rows.
+            Temporal windows restart at every shot. Shared by all batch rows. Host values: a list, or a CPU
+            tensor (a CUDA tensor works but is read back to the host, one synchronisation per call).
         context_frames: c >= 0; every window of a shot also attends (as keys/values only) to the c frames of
             the previous shot and the c frames of the next shot nearest the shot boundaries, same spatial
             window.
