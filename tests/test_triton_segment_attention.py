@@ -286,7 +286,8 @@ def test_compile_specs_list_every_production_config(arch: str) -> None:
     """Each architecture checks exactly one configuration per (kernel, output mode, D, dtype): the one it launches."""
     specs = [s for s in compile_specs() if not s.archs or arch in s.archs]
     names = {s.name for s in specs}
-    assert len(names) == len(specs) == len(HEAD_DIMS) * len(DTYPES) * 6 + len(DTYPES)  # + gradient reduction
+    # fwd, preprocess, 2 dq modes, 2 dk/dv modes x (GQA, MHA); + the gradient reduction per dtype
+    assert len(names) == len(specs) == len(HEAD_DIMS) * len(DTYPES) * 8 + len(DTYPES)
     for kernel in ("fwd", "preprocess", "dkdv", "dq"):
         for D in HEAD_DIMS:
             for dtype, t in zip(DTYPES, ("fp16", "bf16", "fp32"), strict=True):

@@ -17,7 +17,8 @@ from moga.kernels.segment_attention.configs import DTYPES, HEAD_DIMS, KernelConf
 from moga.kernels.segment_attention.fwd import segment_attn_fwd_kernel
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-# GQA ratio compiled: the dk/dv kernel loops over it, the others only divide by it.
+# GQA ratio compiled: the others only divide by it, the dk/dv kernel loops over it, so it is also compiled for
+# GROUP=1 (plain multi-head attention, the common case, where that loop disappears and registers differ).
 _GROUP = 2
 
 
@@ -50,7 +51,9 @@ def preprocess_spec(D: int, dtype: torch.dtype, cfg: KernelConfig) -> CompileSpe
     return _spec("segment_attn_bwd_preprocess", t, D, cfg, segment_attn_bwd_preprocess_kernel, signature, constexprs)
 
 
-def grad_spec(kernel: str, D: int, dtype: torch.dtype, cfg: KernelConfig, scatter: bool) -> CompileSpec:
+def grad_spec(
+    kernel: str, D: int, dtype: torch.dtype, cfg: KernelConfig, scatter: bool, group: int = _GROUP
+) -> CompileSpec:
     """dk/dv or dq kernel; scatter=True writes token rows in the input dtype, False fp32 per-position rows."""
     t = _TRITON_DTYPE[dtype]
     g = t if scatter else "fp32"
@@ -72,17 +75,29 @@ def grad_spec(kernel: str, D: int, dtype: torch.dtype, cfg: KernelConfig, scatte
         **grad_strides, "qk_scale": "fp32", "sm_scale": "fp32",
     }  # fmt: skip
     constexprs = dict(
-        GROUP=_GROUP, D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SCATTER=scatter, UPCAST=False,
+        GROUP=group,
+        D=D,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        SCATTER=scatter,
+        UPCAST=False,
         IEEE=dtype == torch.float32,
     )
-    name = f"segment_attn_bwd_{kernel}{'' if scatter else '_perpos'}"
+    name = f"segment_attn_bwd_{kernel}{'' if scatter else '_perpos'}{'' if group == _GROUP else f'_g{group}'}"
     return _spec(name, t, D, cfg, fn, signature, constexprs)
 
 
 def reduce_spec(dtype: torch.dtype) -> CompileSpec:
     """The per-token sum of per-position gradient rows (independent of the head dim)."""
     t = _TRITON_DTYPE[dtype]
-    signature = {"Grad": "*fp32", "Order": "*i64", "Starts": "*i64", "Out": f"*{t}", "row_size": "i64", "BLOCK": "constexpr"}
+    signature = {
+        "Grad": "*fp32",
+        "Order": "*i64",
+        "Starts": "*i64",
+        "Out": f"*{t}",
+        "row_size": "i64",
+        "BLOCK": "constexpr",
+    }
     return CompileSpec(
         name=f"segment_attn_bwd_reduce[{t},BLOCK={reduce.BLOCK},w{reduce.NUM_WARPS},s1]",
         fn=reduce.segment_attn_bwd_reduce_kernel, signature=signature, constexprs={"BLOCK": reduce.BLOCK},
@@ -104,12 +119,13 @@ def _kernel_specs(kernel: str, D: int, dtype: torch.dtype, cfg: KernelConfig) ->
         return [fwd_spec(D, dtype, cfg)]
     if kernel == "preprocess":
         return [preprocess_spec(D, dtype, cfg)]
-    return [grad_spec(kernel, D, dtype, cfg, scatter) for scatter in (True, False)]
+    groups = (_GROUP, 1) if kernel == "dkdv" else (_GROUP,)
+    return [grad_spec(kernel, D, dtype, cfg, scatter, group) for group in groups for scatter in (True, False)]
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every kernel (fwd, bwd preprocess, dk/dv and dq in both output modes) for D in HEAD_DIMS x DTYPES, and the
-    gradient reduction per dtype. A configuration with a Hopper replacement is checked for sm_80 only, and the
+    """Every kernel (fwd, bwd preprocess, dk/dv (GQA and MHA) and dq in both output modes) for D in HEAD_DIMS x
+    DTYPES, and the gradient reduction per dtype. A configuration with a Hopper replacement is checked for sm_80 only, and the
     replacement for sm_90a only."""
     specs = []
     for D in HEAD_DIMS:
@@ -124,4 +140,3 @@ def compile_specs() -> list[CompileSpec]:
                     specs += [replace(s, archs=("sm_90a",)) for s in _kernel_specs(kernel, D, dtype, hopper)]
     specs += [reduce_spec(dtype) for dtype in DTYPES]
     return specs
-

@@ -64,8 +64,9 @@ DKDV = {
     (256, _16BIT): KernelConfig(32, 32, 8, 1),
     (32, _FP32): KernelConfig(32, 64, 8, 2),
     (64, _FP32): KernelConfig(16, 16, 4, 1),
-    (128, _FP32): KernelConfig(16, 16, 8, 1),
-    (256, _FP32): KernelConfig(16, 16, 16, 1),
+    # (16, 16, 8, 1) and (16, 16, 16, 1) spilled 12-24 bytes once compiled for GROUP=1 (plain multi-head).
+    (128, _FP32): KernelConfig(16, 32, 8, 1),
+    (256, _FP32): KernelConfig(16, 32, 16, 1),
 }
 
 # dq: tile of block_m queries, loop over keys in block_n steps.
