@@ -75,9 +75,9 @@ def run_block_diagonal(
     lengths = torch.diff(layout.q_offsets).tolist()  # host sync: the mask is built from host lists
     used = sum(lengths)
     nonempty = [n for n in lengths if n > 0]
-    out = q.new_zeros(Lq, Hq, D)
+    tail = q.new_zeros(Lq - used, Hq, D)  # positions past the last segment
     if used == 0:
-        return out
+        return tail
     idx = layout.q_index[:used]
     group = Hq // Hkv
     qs = q[idx].view(1, used, Hkv, group, D)  # [1, L, G, H/G, D]
@@ -85,4 +85,4 @@ def run_block_diagonal(
     vs = v[idx].view(1, used, Hkv, 1, D).expand(1, used, Hkv, group, D)
     mask = block_diagonal_mask.from_seqlens(nonempty)
     seg_out = attention(qs, ks, vs, attn_bias=mask, scale=softmax_scale).reshape(used, Hq, D)
-    return torch.cat([seg_out, out[used:]], dim=0) if used < Lq else seg_out
+    return torch.cat([seg_out, tail], dim=0) if used < Lq else seg_out
