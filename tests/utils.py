@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import moga
 from moga.backends import get_backend
@@ -38,3 +39,8 @@ def qkv(B: int, N: int, Hq: int, Hkv: int, D: int, dtype=torch.float32, requires
 
 def as_double_leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().double().requires_grad_(True) for t in tensors]
+
+
+def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full attention of (B, N, H, D) tensors through PyTorch's SDPA (Hq == Hkv), detached: (B, N, H, D)."""
+    return F.scaled_dot_product_attention(*(t.detach().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
