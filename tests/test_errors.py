@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import moga
+from moga.backends import get_backend
 
 
 def _qkv(B=1, N=8, Hq=2, Hkv=2, D=16):
@@ -66,6 +67,8 @@ def test_scale_and_backend_errors():
         moga.group_attention(q, k, v, ids, softmax_scale=-1.0)
     with pytest.raises(ValueError, match="backend must be"):
         moga.group_attention(q, k, v, ids, backend="fast")
+    with pytest.raises(ValueError, match="backend name must be one of"):
+        get_backend("fast")
 
 
 def test_mixed_devices_error():

@@ -15,8 +15,9 @@ _poison = False
 
 
 def empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``torch.empty(*shape)``; NaN-filled (floating dtypes) inside :func:`poisoned_outputs`."""
     t = torch.empty(*shape, dtype=dtype, device=device)
-    if _poison and (t.dtype.is_floating_point):
+    if _poison and t.dtype.is_floating_point:
         t.fill_(float("nan"))
     return t
 

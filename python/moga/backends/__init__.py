@@ -35,6 +35,8 @@ _MODULES = {
 
 def get_backend(name: str) -> ModuleType | None:
     """The backend module, or None when its module is missing or cannot import."""
+    if name not in _MODULES:
+        raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
     try:
         return importlib.import_module(_MODULES[name])
     except ImportError:
