@@ -276,6 +276,10 @@ def test_unsupported_inputs_are_refused() -> None:
         triton_backend.segment_attention(probe[..., :32], probe[:, :1, :16], probe[:, :1, :16], layout, 1.0)
     with pytest.raises(TypeError, match="share a dtype"):
         triton_backend.segment_attention(probe[..., :32], probe[..., :32].half(), probe[..., :32], layout, 1.0)
+    if DEVICE == "cuda":  # a k on another device is named
+        assert "k on cpu" in triton_backend.unsupported_reason(probe[..., :32], probe[..., :32].cpu(), probe[..., :32])
+    with pytest.raises(ValueError, match="num_tokens=4 but q has 3 token rows"):
+        triton_backend.segment_attention(probe[:3, :, :32], probe[:3, :, :32], probe[:3, :, :32], layout, 1.0)
     q = torch.zeros(1, 8, 2, 48, device=DEVICE)
     with pytest.raises(ValueError, match="head dim 48"):
         group_attention(q, q, q, torch.zeros(1, 8, dtype=torch.int64, device=DEVICE), backend="triton")

@@ -16,6 +16,8 @@ import torch
 from moga.backends._autograd import segment_attention_autograd
 from moga.layout import SegmentLayout
 
+# The kernels' own tables (moga.kernels.segment_attention.configs), copied so that asking whether this backend can
+# run something does not import triton (a test checks the two agree).
 HEAD_DIMS = (32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -33,9 +35,12 @@ def is_available() -> bool:
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why these flattened (T, H, D) inputs cannot run here, from host metadata only; None if they can."""
-    device = q.device.type
-    if device != "cuda" and not (device == "cpu" and _interpreting()):
-        return f"tensors on {q.device} (needs cuda, or cpu with TRITON_INTERPRET=1)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        device = t.device.type
+        if device != "cuda" and not (device == "cpu" and _interpreting()):
+            return f"{name} on {t.device} (needs cuda, or cpu with TRITON_INTERPRET=1)"
+        if t.device != q.device:
+            return f"{name} on {t.device}, q on {q.device}: all on one device"
     D = q.shape[-1]
     if D not in HEAD_DIMS:
         return f"head dim {D} (supported: {HEAD_DIMS})"
@@ -63,6 +68,8 @@ def segment_attention(
     reason = unsupported_reason(q, k, v)
     if reason is not None:
         raise ValueError(f"triton backend cannot run these inputs: {reason}")
+    if layout.num_tokens != q.shape[0]:
+        raise ValueError(f"layout.num_tokens={layout.num_tokens} but q has {q.shape[0]} token rows")
     for name in ("q_index", "q_offsets", "k_index", "k_offsets"):
         t = getattr(layout, name)
         if t.dtype != torch.int64 or t.device != q.device:
