@@ -226,10 +226,10 @@ def test_peak_memory_forward_backward_is_linear(backend):
     top_k = 2, so groups of about 2,000 entries) stays under 12 KiB per token = 768 MiB.
 
     Linear terms, per token: q, k, v, their gradients and the router logits, probabilities, sort indices and
-    gradients (fp32, 256 B each at M = 64, the indices 512 B), the two entries' outputs in segment and token
-    order, gated outputs and their gradients (512 B each): measured 4 to 6 KiB. Keeping every group's score
-    matrix for backward (2,048^2 x 4 B x 64 groups x 2 heads) would add 32 KiB per token; one N x N score
-    matrix, 256 KiB per token (16 GiB).
+    gradients (fp32, 256 B each at M = 64, the indices 512 B), the two entries' segment-order outputs and their
+    gradients (512 B each), the kernels' packed working copies: measured 8.1 KiB (cpu backend) and 7.1 KiB
+    (torch backend) on 2026-11-25. Keeping every group's score matrix for backward (2,048^2 x 4 B x 64 groups
+    x 2 heads) would add 32 KiB per token; one N x N score matrix, 256 KiB per token (16 GiB).
     """
     N = 65_536
     extra = _peak_extra_rss(backend, N, 64)
