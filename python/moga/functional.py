@@ -20,7 +20,11 @@ from moga.router import route_tokens
 
 
 def _dense_group_ids(group_ids: torch.Tensor, num_groups: int | None) -> tuple[torch.Tensor, int]:
-    """Map arbitrary non-negative ids to [0, G); negative ids stay -1."""
+    """Map arbitrary non-negative ids to [0, G); negative ids become -1.
+
+    Returns (ids (B, N) int64, G). G is num_groups when given; otherwise the number of distinct ids, plus one
+    (an empty group) when there is padding.
+    """
     ids = group_ids.long()
     check_num_groups(num_groups)
     if num_groups is not None:
