@@ -23,7 +23,7 @@ from moga.kernels.segment_attention.configs import config
 from moga.kernels.segment_attention.fwd import LOG2E, aligned_rows, use_ieee, use_upcast
 from moga.kernels.segment_attention.reduce import positions_to_tokens
 from moga.kernels.segment_attention.tiles import build_tile_table
-from moga.kernels.segment_attention.tl_helpers import load_rows, mma, row_ptrs
+from moga.kernels.segment_attention.tl_helpers import load_rows, load_tile, mma, row_ptrs
 from moga.layout import SegmentLayout
 
 
@@ -65,11 +65,7 @@ def segment_attn_bwd_dkdv_kernel(
 ):  # fmt: skip
     i_tile = tl.program_id(0)
     i_hk = tl.program_id(1)
-    p_tile = Tiles + i_tile * 4
-    k_start = tl.load(p_tile + 0)
-    k_end = tl.load(p_tile + 1)
-    q_start = tl.load(p_tile + 2)
-    q_end = tl.load(p_tile + 3)
+    k_start, k_end, q_start, q_end = load_tile(Tiles, i_tile)
 
     offs_n = k_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -139,11 +135,7 @@ def segment_attn_bwd_dq_kernel(
     i_tile = tl.program_id(0)
     i_h = tl.program_id(1).to(tl.int64)
     i_hk = i_h // GROUP
-    p_tile = Tiles + i_tile * 4
-    q_start = tl.load(p_tile + 0)
-    q_end = tl.load(p_tile + 1)
-    k_start = tl.load(p_tile + 2)
-    k_end = tl.load(p_tile + 3)
+    q_start, q_end, k_start, k_end = load_tile(Tiles, i_tile)
 
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)

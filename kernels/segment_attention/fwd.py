@@ -15,7 +15,7 @@ import triton.language as tl
 from moga import _alloc
 from moga.kernels.segment_attention.configs import config, interpreting
 from moga.kernels.segment_attention.tiles import build_tile_table
-from moga.kernels.segment_attention.tl_helpers import load_rows, mma, row_ptrs
+from moga.kernels.segment_attention.tl_helpers import load_rows, load_tile, mma, row_ptrs
 from moga.layout import SegmentLayout
 
 LOG2E = 1.4426950408889634
@@ -37,11 +37,7 @@ def segment_attn_fwd_kernel(
     i_tile = tl.program_id(0)
     i_h = tl.program_id(1)
     i_hk = i_h // GROUP
-    p_tile = Tiles + i_tile * 4
-    q_start = tl.load(p_tile + 0)
-    q_end = tl.load(p_tile + 1)
-    k_start = tl.load(p_tile + 2)
-    k_end = tl.load(p_tile + 3)
+    q_start, q_end, k_start, k_end = load_tile(Tiles, i_tile)
 
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)

@@ -14,6 +14,13 @@ def mma(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def load_tile(Tiles, i_tile):
+    """Row ``i_tile`` of a tile table (see ``tiles.py``): int64 (tile_start, segment_end, other_start, other_end)."""
+    p_tile = Tiles + i_tile.to(tl.int64) * 4
+    return tl.load(p_tile + 0), tl.load(p_tile + 1), tl.load(p_tile + 2), tl.load(p_tile + 3)
+
+
+@triton.jit
 def row_ptrs(Base, rows, i_h, stride_t, stride_h, offs_d):
     """[len(rows), D] pointers to ``Base[rows, i_h, :]`` (int64 addressing).
 
