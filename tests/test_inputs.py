@@ -183,6 +183,24 @@ def test_cpu_autocast_bf16(backend, dtype):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v, logits))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_does_not_change_the_result(backend, dtype):
+    """Every backend computes in the inputs' dtype inside an autocast region too (the kernel backends' custom ops
+    are not autocast; the torch backend and the gated sum switch it off), so autocast and the choice of backend
+    never change the numerics: output and gradients are bitwise those of the same call without autocast."""
+    q, k, v = (torch.randn(B, N, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
+    logits = torch.randn(B, N, 4, dtype=dtype, requires_grad=True)
+    dout = torch.randn(B, N, H, D, dtype=dtype)
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = moga.moga_attention(q, k, v, logits, top_k=2, backend=backend)
+        results.append([out, *torch.autograd.grad(out, (q, k, v, logits), dout)])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_mixed_devices_are_clear_errors():
     q, k, v = (torch.randn(1, 8, 2, 32) for _ in range(3))
     meta = q.to("meta")

@@ -2,7 +2,9 @@
 
 Readable, runs on any device, differentiable through autograd. It reads segment offsets back to the host
 (one synchronisation per call), so it is the reference-grade path, not the fast one.
-fp16/bf16 inputs are computed in float32 on the CPU.
+fp16/bf16 inputs are computed in float32 on the CPU. Autocast is switched off around SDPA: like the kernel
+backends (custom ops, which autocast does not touch), it computes in the inputs' dtype, so an autocast region
+never makes the choice of backend change the numerics.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def segment_attention(
             vs = vs.repeat_interleave(group, dim=0)
         if upcast:
             qs, ks, vs = qs.float(), ks.float(), vs.float()
-        out = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)
+        with torch.autocast(q.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)
         pieces.append(out.transpose(0, 1).to(q.dtype))
     tail = Lq - q_off[-1]
     if tail > 0 or not pieces:
