@@ -165,20 +165,16 @@ def test_no_grad_inputs_give_output_without_graph(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_autocast_bf16(backend, dtype):
-    """Inside a bf16 autocast region the result keeps q's dtype and bf16-level accuracy, or fails clearly."""
+    """Inside a bf16 autocast region the result keeps q's dtype and the accuracy of q's dtype."""
     q, k, v = (torch.randn(B, N, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
     logits = torch.randn(B, N, 4, dtype=dtype, requires_grad=True)
     ref = moga_attention_ref(q.detach(), k.detach(), v.detach(), logits.detach(), top_k=2)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = moga.moga_attention(q, k, v, logits, top_k=2, backend=backend)
-    except (ValueError, TypeError) as err:
-        assert backend != "torch", f"the torch backend must run under autocast: {err}"
-        assert "bfloat16" in str(err) or "dtype" in str(err), f"unclear error: {err}"
-        return
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moga.moga_attention(q, k, v, logits, top_k=2, backend=backend)
     assert out.dtype == q.dtype
-    # bf16 has 8 mantissa bits: a bf16 pass of attention lands within a few 1e-3 of the reference.
-    assert rel_err(out, ref) < 2e-2
+    # float32 inputs stay float32-accurate (nothing runs in bf16); bf16 inputs (8 mantissa bits) land within a
+    # few 1e-3 of the reference.
+    assert rel_err(out, ref) < (TOL[torch.float32] if dtype == torch.float32 else 1e-2)
     out.float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v, logits))
 
