@@ -73,7 +73,7 @@ DKDV = {
 DQ = {
     (32, _16BIT): KernelConfig(64, 64, 4, 2),
     (64, _16BIT): KernelConfig(128, 64, 8, 2),
-    (128, _16BIT): KernelConfig(128, 32, 8, 2),
+    (128, _16BIT): KernelConfig(128, 32, 8, 3),  # 3 stages: the k_index load is prefetched too (see FWD)
     (256, _16BIT): KernelConfig(64, 32, 8, 2),
     (32, _FP32): KernelConfig(64, 32, 8, 2),
     (64, _FP32): KernelConfig(64, 32, 8, 2),
