@@ -19,7 +19,6 @@ from moga.kernels.segment_attention.tl_helpers import load_rows, load_tile, mma,
 from moga.layout import SegmentLayout
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
