@@ -216,37 +216,38 @@ def _emulated_distributed_attention(local_attention: Callable, q, k, v, *args, g
     return _SeqAllToAll.apply(local_attention(q, k, v, *args, **kwargs), 1, 2)
 
 
-def _interop_case(world: int, rank: int) -> dict:
-    """moga.moga_attention as the local attention of a Ulysses wrapper, with logits gathered alongside."""
+def _interop_setup(world: int, seed: int) -> tuple[list[torch.Tensor], Callable, Callable]:
+    """Full inputs [q, k, v, logits], the local attention a Ulysses wrapper calls on head shards (moga with the
+    gathered logits), and the single-process function on the whole sequence."""
     B, N, Hq, Hkv, D, M = 2, 4 * world, 2 * world, world, 8, 4
-    q, k, v = _qkv(B, N, Hq, Hkv, D, seed=31)
-    logits = torch.randn(B, N, M, generator=torch.Generator().manual_seed(32))
+    q, k, v = _qkv(B, N, Hq, Hkv, D, seed=seed)
+    logits = torch.randn(B, N, M, generator=torch.Generator().manual_seed(seed + 1))
 
-    def local_attention(q, k, v, full_logits):
+    def local_attention(q, k, v, router_logits):
         assert q.shape == (B, N, Hq // world, D), "the wrapper must hand over head-sharded full sequences"
-        return moga.moga_attention(q, k, v, full_logits, top_k=2, backend="torch")
-
-    def sharded(q, k, v, x):
-        return _emulated_distributed_attention(local_attention, q, k, v, gather_sequence(x))
+        return moga.moga_attention(q, k, v, router_logits, top_k=2, backend="torch")
 
     def full(q, k, v, x):
         return moga.moga_attention(q, k, v, x, top_k=2, backend="torch")
 
-    return _compare(sharded, full, [q, k, v, logits], rank, world)
+    return [q, k, v, logits], local_attention, full
+
+
+def _interop_case(world: int, rank: int) -> dict:
+    """moga.moga_attention as the local attention of a Ulysses wrapper, with logits gathered alongside."""
+    inputs, local_attention, full = _interop_setup(world, seed=31)
+
+    def sharded(q, k, v, x):
+        return _emulated_distributed_attention(local_attention, q, k, v, gather_sequence(x))
+
+    return _compare(sharded, full, inputs, rank, world)
 
 
 def _interop_case_with(package: str, world: int, rank: int) -> dict:
     """moga inside the real Ulysses wrapper of ``package`` ("deepspeed" or "yunchang"), when it is installed."""
     if importlib.util.find_spec(package) is None:
         return {"skipped": f"{package} is not installed"}
-    B, N, Hq, Hkv, D, M = 2, 4 * world, 2 * world, world, 8, 4
-    q, k, v = _qkv(B, N, Hq, Hkv, D, seed=41)
-    logits = torch.randn(B, N, M, generator=torch.Generator().manual_seed(42))
-
-    def local_attention(q, k, v, router_logits):
-        assert q.shape == (B, N, Hq // world, D), "the wrapper must hand over head-sharded full sequences"
-        return moga.moga_attention(q, k, v, router_logits, top_k=2, backend="torch")
-
+    inputs, local_attention, full = _interop_setup(world, seed=41)
     if package == "deepspeed":
         import deepspeed.comm
         from deepspeed.sequence.layer import DistributedAttention
@@ -265,10 +266,7 @@ def _interop_case_with(package: str, world: int, rank: int) -> dict:
             out = local_attention(q, k, v, gather_sequence(x))
             return SeqAllToAll4D.apply(dist.group.WORLD, out, 1, 2)
 
-    def full(q, k, v, x):
-        return moga.moga_attention(q, k, v, x, top_k=2, backend="torch")
-
-    return _compare(sharded, full, [q, k, v, logits], rank, world)
+    return _compare(sharded, full, inputs, rank, world)
 
 
 def _helpers_case(world: int, rank: int) -> dict:
