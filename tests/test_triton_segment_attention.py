@@ -129,7 +129,7 @@ def test_positions_to_tokens_sums_repeated_tokens_in_fixed_order() -> None:
 # Kernel pair vs naive.py on a segment layout
 
 
-@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("D", [32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_routed_layout_vs_naive(D: int, dtype: torch.dtype) -> None:
     """Ragged, empty and singleton groups, padding tokens, N not a multiple of any block, GQA 4:2."""
