@@ -374,6 +374,40 @@ def test_long_sequence_65k(dtype):
             assert rel_err(got[0, rows], want) < 2e-2, f"group {m} {name}"
 
 
+# ---- GPU: no host synchronisation on the hot path -------------------------------------------------------------
+
+GPU_BACKENDS = [b for b in ("cuda", "triton") if b in moga.available_backends()] if torch.cuda.is_available() else []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda"])
+def test_hot_path_never_synchronises(backend):
+    """moga_attention, window_attention (layout cached by the warm-up) and group_attention with num_groups, forward
+    and backward, under torch.cuda.set_sync_debug_mode("error"), which raises on any host synchronisation."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grid, N = (4, 8, 8), 256
+    q, k, v = (
+        torch.randn(2, N, h, 64, device="cuda", generator=gen).half().requires_grad_(True) for h in (4, 2, 2)
+    )
+    logits = torch.randn(2, N, 5, device="cuda", generator=gen).requires_grad_(True)
+    ids = torch.randint(-1, 5, (2, N), device="cuda", generator=gen)
+    calls = [
+        lambda: moga.moga_attention(q, k, v, logits, top_k=2, backend=backend),
+        lambda: moga.window_attention(q, k, v, grid, (2, 4, 4), shot_starts=[2], context_frames=1, backend=backend),
+        lambda: moga.group_attention(q, k, v, ids, num_groups=5, backend=backend),
+    ]
+    for fn in calls:  # warm-up: kernel compilation and tuning, the window layout's one host-to-device copy
+        fn().float().sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for fn in calls:
+            fn().float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # ---- GPU: sort_by_segment --------------------------------------------------------------------------------------
 
 
