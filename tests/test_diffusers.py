@@ -123,6 +123,8 @@ def test_bad_arguments_raise():
         apply_moga(model, 2, blocks=[2])
     with pytest.raises(ValueError, match="top_k"):
         apply_moga(model, 2, top_k=3)
+    with pytest.raises(ValueError, match="num_groups must be positive"):
+        apply_moga(model, 0)
     with pytest.raises(TypeError, match="WanTransformer3DModel"):
         apply_moga(torch.nn.Linear(2, 2), 2)
     apply_moga(model, 2, blocks=[0])

@@ -197,6 +197,10 @@ def test_bad_configurations_raise():
         MoGAAttention(64, 4, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="top_k"):
         MoGAAttention(64, 2, 4, top_k=5)
+    with pytest.raises(ValueError, match="num_groups must be positive"):
+        MoGAAttention(64, 2, 0)
+    with pytest.raises(TypeError, match="num_groups must be an int"):
+        MoGAAttention(64, 2, None)
     layer = MoGAAttention(64, 2, 4, frame_attention=True)
     with pytest.raises(ValueError, match="grid"):
         layer(torch.randn(1, 12, 64))

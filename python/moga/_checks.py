@@ -52,12 +52,13 @@ def check_group_ids(group_ids: torch.Tensor, B: int, N: int, device: torch.devic
         raise ValueError(f"group_ids is on {group_ids.device} but q is on {device}")
 
 
-def check_num_groups(num_groups: int | None) -> None:
-    """None, or a positive int (the number of group ids of :func:`moga.group_attention`)."""
-    if num_groups is None:
+def check_num_groups(num_groups: int | None, allow_none: bool = True) -> None:
+    """A positive int (the number of groups), or None where ``allow_none`` (group_attention's "compact the ids")."""
+    if num_groups is None and allow_none:
         return
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
-        raise TypeError(f"num_groups must be an int or None, got {type(num_groups).__name__}")
+        expected = "an int or None" if allow_none else "an int"
+        raise TypeError(f"num_groups must be {expected}, got {type(num_groups).__name__}")
     if num_groups < 1:
         raise ValueError(f"num_groups must be positive, got {num_groups}")
 

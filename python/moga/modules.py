@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moga._checks import check_top_k
+from moga._checks import check_num_groups, check_top_k
 from moga.functional import moga_attention
 from moga.router import MoGARouter, group_balance_loss
 from moga.window import Grid, check_context_frames, check_window, window_attention
@@ -229,6 +229,7 @@ class MoGAAttention(nn.Module):
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        check_num_groups(num_groups, allow_none=False)
         check_top_k(top_k, num_groups)
         if window is not None and not isinstance(window, WindowSplit):
             window = check_window(window)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moga._checks import check_top_k
+from moga._checks import check_num_groups, check_top_k
 from moga.modules import WindowArg, WindowSplit, apply_rotary_interleaved, moga_layer_attention
 from moga.router import MoGARouter, group_balance_loss, route_tokens
 from moga.window import check_context_frames, check_window
@@ -154,6 +154,7 @@ def apply_moga(
     """
     if not hasattr(transformer, "blocks") or not hasattr(getattr(transformer, "config", None), "patch_size"):
         raise TypeError(f"transformer must be a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
+    check_num_groups(num_groups, allow_none=False)
     check_top_k(top_k, num_groups)
     if window is not None and not isinstance(window, WindowSplit):
         window = check_window(window)
