@@ -258,8 +258,12 @@ def test_ops_write_every_element(dtype):
         vs = v[k_index[ka:kb]].double().repeat_interleave(Hq // Hkv, 1)
         scores = torch.einsum("ihd,jhd->hij", qs, ks) * 0.125
         ref = torch.einsum("hij,jhd->ihd", scores.softmax(-1), vs)
-        assert rel_err(out[qa:qb], ref) < 1e-2, f"segment {s}"
-        assert torch.allclose(lse[:, qa:qb].double(), scores.logsumexp(-1), atol=1e-2), f"segment {s} lse"
+        # PyTorch's own error in this dtype (products in dtype, softmax in fp32) sets the bar
+        qs_lp, ks_lp, vs_lp = (t.to(dtype) for t in (qs, ks, vs))
+        probs_lp = (torch.einsum("ihd,jhd->hij", qs_lp, ks_lp).float() * 0.125).softmax(-1).to(dtype)
+        torch_err = rel_err(torch.einsum("hij,jhd->ihd", probs_lp, vs_lp), ref)
+        assert rel_err(out[qa:qb], ref) <= _bound(dtype, torch_err), f"segment {s}"
+        assert torch.allclose(lse[:, qa:qb].double(), scores.logsumexp(-1), atol=1e-3), f"segment {s} lse"
 
 
 def _segment_attention_dense(q, k, v, layout, scale, dout):
@@ -318,7 +322,7 @@ def test_ops_asymmetric_segments_repeated_tokens(dtype, D):
     base = _segment_attention_dense(q, k, v, layout, scale, dout)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(want[1])), "lse = -inf exactly where a query has no keys"
     finite = torch.isfinite(want[1])
-    assert (lse[finite].double() - want[1][finite]).abs().max() < 1e-2
+    assert (lse[finite].double() - want[1][finite]).abs().max() < 1e-3
     names = ["out", "dq", "dk", "dv"]
     for name, got, b, w in zip(names, (out, *grads), (base[0], *base[2:]), (want[0], *want[2:]), strict=True):
         assert not got.isnan().any(), f"{name}: unwritten (NaN) entries"
@@ -361,7 +365,9 @@ def test_long_sequence_65k(dtype):
     out = moga.group_attention(q, k, v, ids, num_groups=M, backend=BACKEND)
     dout = torch.randn_like(out)
     out.backward(dout)
-    torch_out = moga.group_attention(q.detach(), k.detach(), v.detach(), ids, num_groups=M, backend="torch")
+    tq, tk, tv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    torch_out = moga.group_attention(tq, tk, tv, ids, num_groups=M, backend="torch")
+    torch_out.backward(dout)
     for m in range(M):
         rows = (ids[0] == m).nonzero().squeeze(1)
         qm, km, vm = (t.detach()[0, rows].double().requires_grad_(True) for t in (q, k, v))
@@ -370,8 +376,10 @@ def test_long_sequence_65k(dtype):
         ref.backward(dout[0, rows].double())
         bound = _bound(dtype, rel_err(torch_out[0, rows], ref))
         assert rel_err(out[0, rows], ref) <= bound, f"group {m} out"
-        for name, got, want in (("dq", q.grad, qm.grad), ("dk", k.grad, km.grad), ("dv", v.grad, vm.grad)):
-            assert rel_err(got[0, rows], want) < 2e-2, f"group {m} {name}"
+        grads = (("dq", q.grad, tq.grad, qm.grad), ("dk", k.grad, tk.grad, km.grad), ("dv", v.grad, tv.grad, vm.grad))
+        for name, got, torch_got, want in grads:
+            bound = _bound(dtype, rel_err(torch_got[0, rows], want))
+            assert rel_err(got[0, rows], want) <= bound, f"group {m} {name}"
 
 
 # ---- GPU: no host synchronisation on the hot path -------------------------------------------------------------
