@@ -249,6 +249,7 @@ def ulysses_moga_attention(
     softmax_scale: float | None = None,
     group: ProcessGroup = None,
     backend: str = "auto",
+    deterministic: bool = False,
     check_shards: bool = True,
 ) -> torch.Tensor:
     """:func:`moga.moga_attention` over a sequence sharded across the ranks of ``group`` (Ulysses).
@@ -259,7 +260,7 @@ def ulysses_moga_attention(
     Args:
         q: (B, N/P, Hq, D). k, v: (B, N/P, Hkv, D). Hq and Hkv must be divisible by P.
         router_logits: (B, N/P, M), this rank's tokens' logits.
-        top_k, softmax_scale, backend: as in :func:`moga.moga_attention` (backend runs on each rank's heads).
+        top_k, softmax_scale, backend, deterministic: as in :func:`moga.moga_attention` (run on each rank's heads).
         group: the sequence-parallel process group (None: the default group).
         check_shards: all-gather the shard shapes first (one tiny collective and one host synchronisation)
             so that unequal shards (N not divisible by P) or mismatched shapes raise ValueError on every rank
@@ -281,11 +282,12 @@ def ulysses_moga_attention(
         return signature
 
     _agree("ulysses_moga_attention", group, check_local, q, check_shards)
+    options = dict(top_k=top_k, softmax_scale=softmax_scale, backend=backend, deterministic=deterministic)
     if world == 1:
-        return moga_attention(q, k, v, router_logits, top_k=top_k, softmax_scale=softmax_scale, backend=backend)
+        return moga_attention(q, k, v, router_logits, **options)
     q_h, k_h, v_h = qkv_to_heads(q, k, v, group)
     logits = gather_sequence(router_logits, group)  # (B, N, M), identical on every rank
-    out = moga_attention(q_h, k_h, v_h, logits, top_k=top_k, softmax_scale=softmax_scale, backend=backend)
+    out = moga_attention(q_h, k_h, v_h, logits, **options)
     return heads_to_sequence(out, group)
 
 
@@ -299,6 +301,7 @@ def ulysses_group_attention(
     num_groups: int | None = None,
     group: ProcessGroup = None,
     backend: str = "auto",
+    deterministic: bool = False,
     check_shards: bool = True,
 ) -> torch.Tensor:
     """:func:`moga.group_attention` over a sequence sharded across the ranks of ``group`` (Ulysses).
@@ -307,7 +310,7 @@ def ulysses_group_attention(
         q: (B, N/P, Hq, D). k, v: (B, N/P, Hkv, D). Hq and Hkv must be divisible by P.
         group_ids: (B, N/P) integer ids of this rank's tokens (negative: padding). Ids are global: tokens
             with equal ids attend to each other whichever rank owns them.
-        softmax_scale, num_groups, backend: as in :func:`moga.group_attention`.
+        softmax_scale, num_groups, backend, deterministic: as in :func:`moga.group_attention`.
         group, check_shards: as in :func:`ulysses_moga_attention`.
 
     Returns: (B, N/P, Hq, D), this rank's shard of ``moga.group_attention`` on the whole sequence.
@@ -323,9 +326,10 @@ def ulysses_group_attention(
         return signature
 
     _agree("ulysses_group_attention", group, check_local, q, check_shards)
+    options = dict(softmax_scale=softmax_scale, num_groups=num_groups, backend=backend, deterministic=deterministic)
     if world == 1:
-        return group_attention(q, k, v, group_ids, softmax_scale=softmax_scale, num_groups=num_groups, backend=backend)
+        return group_attention(q, k, v, group_ids, **options)
     q_h, k_h, v_h = qkv_to_heads(q, k, v, group)
     ids = gather_sequence(group_ids, group)  # (B, N): integer, so no gradient flows through the gather
-    out = group_attention(q_h, k_h, v_h, ids, softmax_scale=softmax_scale, num_groups=num_groups, backend=backend)
+    out = group_attention(q_h, k_h, v_h, ids, **options)
     return heads_to_sequence(out, group)
