@@ -8,7 +8,9 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <string>
 
+#include "cpu/gemm_f32.h"
 #include "ops.h"
 
 namespace moga {
@@ -123,7 +125,54 @@ PyObject* set_poison_outputs(PyObject* /*self*/, PyObject* arg) {
   return PyBool_FromLong(previous ? 1 : 0);
 }
 
+const char* gemm_impl_name(moga::cpu::GemmImpl impl) {
+  switch (impl) {
+    case moga::cpu::GemmImpl::kAvx512: return "avx512";
+    case moga::cpu::GemmImpl::kBlas: return "blas";
+    default: return "auto";
+  }
+}
+
+// _set_cpu_gemm(name: str) -> str (the previous setting): which GEMM the CPU attention uses for float products,
+// "auto" (AVX-512 kernel where the CPU has it, else BLAS), "avx512" or "blas".
+PyObject* set_cpu_gemm(PyObject* /*self*/, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const std::string s(name);
+  moga::cpu::GemmImpl impl;
+  if (s == "auto") {
+    impl = moga::cpu::GemmImpl::kAuto;
+  } else if (s == "avx512") {
+    impl = moga::cpu::GemmImpl::kAvx512;
+  } else if (s == "blas") {
+    impl = moga::cpu::GemmImpl::kBlas;
+  } else {
+    PyErr_Format(PyExc_ValueError, "moga: cpu gemm must be 'auto', 'avx512' or 'blas', got '%s'", name);
+    return nullptr;
+  }
+  const moga::cpu::GemmImpl previous = moga::cpu::gemm_impl();
+  if (!moga::cpu::set_gemm_impl(impl)) {
+    PyErr_SetString(PyExc_ValueError, "moga: cpu gemm 'avx512' needs a CPU with AVX-512F (and an x86-64 build)");
+    return nullptr;
+  }
+  return PyUnicode_FromString(gemm_impl_name(previous));
+}
+
+// _cpu_gemm_in_use() -> "avx512" or "blas": what float products run now ("auto" resolved).
+PyObject* cpu_gemm_in_use(PyObject* /*self*/, PyObject* /*unused*/) {
+  return PyUnicode_FromString(moga::cpu::use_avx512_gemm() ? "avx512" : "blas");
+}
+
+// _cpu_avx512_supported() -> bool: whether this CPU (and build) can run the AVX-512 GEMM.
+PyObject* cpu_avx512_supported(PyObject* /*self*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(moga::cpu::avx512_gemm_supported() ? 1 : 0);
+}
+
 PyMethodDef kMethods[] = {
+    {"_cpu_avx512_supported", cpu_avx512_supported, METH_NOARGS, "Whether the CPU can run moga's AVX-512 GEMM."},
+    {"_set_cpu_gemm", set_cpu_gemm, METH_O,
+     "Select the CPU attention's float GEMM: 'auto', 'avx512' or 'blas'; returns the previous setting."},
+    {"_cpu_gemm_in_use", cpu_gemm_in_use, METH_NOARGS, "'avx512' or 'blas': the GEMM CPU attention runs now."},
     {"_set_poison_outputs", set_poison_outputs, METH_O,
      "Fill op outputs with NaN when allocated (tests); returns the previous setting."},
     {nullptr, nullptr, 0, nullptr},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -141,9 +142,24 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+GEMMS = [
+    "blas",
+    pytest.param("avx512", marks=pytest.mark.skipif(not cpu_backend.avx512_supported(), reason="CPU without AVX-512F")),
+]
+
+
+@pytest.fixture(params=GEMMS)
+def gemm(request):
+    """Run the test with each float32 GEMM of the cpu backend (the AVX-512 kernel and BLAS)."""
+    with cpu_backend.gemm(request.param):
+        assert cpu_backend.gemm_in_use() == request.param
+        yield request.param
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-@pytest.mark.parametrize("Hq, Hkv, D", [(2, 2, 64), (4, 1, 40), (6, 3, 16)])
-def test_ops_match_reference_fp32(name: str, Hq: int, Hkv: int, D: int, one_thread) -> None:
+# D: full 64-column panels, a masked tail vector (40, 16), a second panel with a partial vector (72), many panels
+@pytest.mark.parametrize("Hq, Hkv, D", [(2, 2, 64), (4, 1, 40), (6, 3, 16), (3, 1, 72), (1, 1, 256)])
+def test_ops_match_reference_fp32(name: str, Hq: int, Hkv: int, D: int, one_thread, gemm) -> None:
     spec = LAYOUTS[name]
     layout = _layout(**spec)
     T, scale = spec["T"], D**-0.5 * 1.3
@@ -313,7 +329,7 @@ def test_moga_attention_fp32_with_router_grads(top_k: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_within_2x_of_torch_backend(dtype: torch.dtype) -> None:
+def test_low_precision_within_2x_of_torch_backend(dtype: torch.dtype, gemm) -> None:
     """fp16/bf16 accumulate in fp32: errors at most 2x those of the (fp32-upcasting) torch backend."""
     B, N, Hq, Hkv, D, M = 1, 400, 4, 2, 64, 3
     q, k, v = qkv(B, N, Hq, Hkv, D, dtype=dtype)
@@ -332,6 +348,46 @@ def test_low_precision_within_2x_of_torch_backend(dtype: torch.dtype) -> None:
     for name, cpu_err, torch_err in zip(("out", "dq", "dk", "dv"), errors["cpu"], errors["torch"], strict=True):
         assert cpu_err <= 2 * torch_err, f"{name}: cpu {cpu_err:.2e} vs torch {torch_err:.2e}"
         assert cpu_err < (1e-2 if dtype == torch.bfloat16 else 2e-3), name
+
+
+def test_gemm_choice() -> None:
+    """set_gemm / gemm / gemm_in_use: validation, restore on exit, and the two GEMMs agree to fp32 rounding."""
+    with pytest.raises(ValueError, match="cpu gemm must be one of"):
+        cpu_backend.set_gemm("mkl")
+    with pytest.raises(ValueError, match="cpu gemm must be"):
+        _ops._C._set_cpu_gemm("fast")
+    if not cpu_backend.avx512_supported():
+        with pytest.raises(ValueError, match="needs a CPU with AVX-512F"):
+            cpu_backend.set_gemm("avx512")
+    before = cpu_backend.gemm_in_use()
+    q, k, v = qkv(1, 500, 4, 2, 64, requires_grad=False)
+    g = torch.randint(0, 3, (1, 500))
+    outs = {}
+    for name in ("blas", "avx512"):
+        if name == "avx512" and not cpu_backend.avx512_supported():
+            continue
+        with cpu_backend.gemm(name):
+            assert cpu_backend.gemm_in_use() == name
+            outs[name] = moga.group_attention(q, k, v, g, num_groups=3, backend="cpu")
+        assert cpu_backend.gemm_in_use() == before
+    if len(outs) == 2:
+        assert rel_err(outs["avx512"], outs["blas"].double()) < 1e-6
+
+
+@pytest.mark.parametrize("value, expect", [("blas", "blas"), ("Auto", None), ("nope", "ValueError")])
+def test_gemm_from_environment(value: str, expect: str | None) -> None:
+    import subprocess
+    import sys
+
+    code = "from moga.backends import cpu_backend; print(cpu_backend.gemm_in_use())"
+    env = {**os.environ, "MOGA_CPU_GEMM": value}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if expect == "ValueError":
+        assert proc.returncode != 0 and "cpu gemm must be one of" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        with cpu_backend.gemm("auto"):
+            assert proc.stdout.strip() == (expect or cpu_backend.gemm_in_use())
 
 
 def test_cpu_backend_selection() -> None:

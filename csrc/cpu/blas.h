@@ -1,11 +1,15 @@
 // Row-major GEMM helpers for the CPU kernels, torch-free.
-// They call the Fortran BLAS (sgemm_/dgemm_) that PyTorch's CPU library already exports (MKL or OpenBLAS);
+// float products run the AVX-512 kernel of gemm_f32.h where the CPU has it (use_avx512_gemm()); otherwise, and for
+// double, they call the Fortran BLAS (sgemm_/dgemm_) that PyTorch's CPU library already exports (MKL or OpenBLAS);
 // the symbols are weak so the extension still loads against a torch built without BLAS, and then a plain
 // loop nest (same fp32/fp64 accumulation, just slower) computes the product. Called from inside
 // at::parallel_for, where the BLAS runs single-threaded.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+
+#include "gemm_f32.h"
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
@@ -50,11 +54,21 @@ inline void gemm_abt(int M, int N, int K, const T* A, int lda, const T* B, int l
 // C[M, N] = A[M, K] B[K, N] + beta C
 template <typename T>
 inline void gemm_ab(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if ((beta == 0.0f || beta == 1.0f) && use_avx512_gemm()) {
+      return gemm_f32_avx512(M, N, K, A, lda, 1, B, ldb, C, ldc, beta != 0.0f);
+    }
+  }
   gemm_colmajor<T>('N', 'N', N, M, K, B, ldb, A, lda, beta, C, ldc);
 }
 // C[M, N] = A[K, M]^T B[K, N] + beta C
 template <typename T>
 inline void gemm_atb(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if ((beta == 0.0f || beta == 1.0f) && use_avx512_gemm()) {
+      return gemm_f32_avx512(M, N, K, A, 1, lda, B, ldb, C, ldc, beta != 0.0f);
+    }
+  }
   gemm_colmajor<T>('N', 'T', N, M, K, B, ldb, A, lda, beta, C, ldc);
 }
 
