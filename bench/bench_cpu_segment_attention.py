@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 import moga
+from moga.backends import cpu_backend as cpu_backend_module
 from moga.bench import baselines
 from moga.bench.flops import dense_attention_flops, group_attention_flops
 
@@ -67,7 +68,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--skip-dense", action="store_true", help="skip the (slow) dense baseline")
+    parser.add_argument("--gemm", default="auto", choices=cpu_backend_module.GEMM_CHOICES, help="cpu backend GEMM")
     args = parser.parse_args()
+    cpu_backend_module.set_gemm(args.gemm)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     N, H, D, M = args.n, args.heads, args.dim, args.groups
@@ -81,7 +84,10 @@ def main() -> None:
     with torch.no_grad():
         ref = naive_recipe(q.float(), k.float(), v.float(), group_ids, M)
         err = ((cpu_backend(q, k, v, group_ids, M).float() - ref).norm() / ref.norm()).item()
-    print(f"N={N} H={H} D={D} M={M} {args.dtype}, threads={torch.get_num_threads()}, repeats={args.repeats}")
+    print(
+        f"N={N} H={H} D={D} M={M} {args.dtype}, threads={torch.get_num_threads()}, repeats={args.repeats}, "
+        f"cpu backend GEMM: {cpu_backend_module.gemm_in_use()}"
+    )
     print(f"cpu backend vs naive recipe: relative error {err:.2e}")
 
     fns: dict[tuple[str, str], Callable[[], object]] = {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 import moga
+from moga.backends import cpu_backend
 from moga.bench.cases import DISTRIBUTIONS, BenchCase, cpu_sweep, gpu_sweep, make_inputs
 from moga.bench.check import format_check, run_check
 from moga.bench.flops import dense_attention_flops, group_attention_flops
@@ -215,6 +216,8 @@ def environment(device: torch.device) -> dict:
         "moga": moga.__version__,
         "backends_available": moga.available_backends(),
         "backends_unavailable": unavailable_backends(),
+        # float32 GEMM of the cpu backend ("avx512" or "blas"; None without the extension), see set_gemm
+        "cpu_gemm": cpu_backend.gemm_in_use(),
         "argv": sys.argv,
         "memory_note": MEMORY_NOTE[device.type],
         "flops_note": "forward 4*sum_g n_g^2*D*Hq (dense: one group of N); forward+backward 3.5x forward",
@@ -241,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
     env = environment(device)
     print(f"moga bench on {env['device']} ({device.type}), torch {env['torch']}, triton {env['triton']}")
     print(f"backends: {env['backends_available']}; not available: {env['backends_unavailable']}")
+    if device.type == "cpu":
+        print(f"cpu backend GEMM: {env['cpu_gemm']}")
     if "matmul_bf16_8192_tflops" in env:
         print(f"matmul ceiling (8192^3 bf16 torch.matmul): {env['matmul_bf16_8192_tflops']:.0f} TFLOP/s")
 
