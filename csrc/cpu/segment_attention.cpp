@@ -4,10 +4,12 @@
 //   packing:    first, q (times the softmax scale), k, v (and dout in the backward) are gathered once into
 //               contiguous head-major acc_t buffers in segment order, (H, L, D): every tile below is then a plain
 //               strided block, and no row is gathered or converted more than once (fp32 for fp16/bf16/fp32 inputs,
-//               fp64 for fp64). This costs one fp32 copy of the operands in memory.
+//               fp64 for fp64). This costs one fp32 copy of the operands in memory, plus transposed copies of k
+//               (and of v in the backward) when the products run on moga's AVX-512 GEMM (gemm_f32.h), whose
+//               second operand is always row-major: S = Q K^T reads K^T.
 //   forward:    item = (segment, query tile, kv head). The query rows of all Hq / Hkv query heads that share the
 //               kv head are stacked into one [R = G * bm, D] tile so each K/V tile is reused across the group;
-//               online softmax over key tiles; both products are BLAS GEMMs.
+//               online softmax over key tiles; both products are GEMMs (AVX-512 kernel for float, else BLAS).
 //   backward:   every gradient row has exactly one writer (no atomics, deterministic). With many balanced
 //               segments, item = (segment, kv head) computes all of its gradients in one pass; otherwise two passes:
 //               pass 1, item = (segment, key tile, kv head): dK, dV of the tile's key positions;
