@@ -8,6 +8,14 @@ model. Cross-attention (``attn2``) is left alone.
 The static branches need the post-patchify grid (T, H, W): a forward pre-hook on the transformer records it
 from the input latents (``(frames, height, width) // patch_size``) on every call. Shot boundaries (latent
 frames, after patchify) are passed as ``attention_kwargs={"shot_starts": [...]}`` to the transformer call.
+
+Sequence parallelism: after ``apply_moga``, diffusers' own context parallelism
+(``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))``) works unchanged. diffusers
+hands each MoGA processor its rank's contiguous shard of the tokens; the processor then runs Ulysses itself
+(:mod:`moga.distributed`): one all-to-all of q, k, v to head shards, an all-gather of the router logits, the routed
+and static branches over the full sequence for its H/P heads, and an all-to-all back. Outputs match a single
+process; each rank's parameter gradients are the part of its own tokens (summed over the CP group they equal the
+single-process gradients), for the routers exactly as for every other weight. Ring attention is not supported.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 from torch import nn
 
 from moga._checks import check_num_groups, check_top_k
+from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
 from moga.modules import WindowArg, WindowSplit, apply_rotary_interleaved, moga_layer_attention
 from moga.router import MoGARouter, group_balance_loss, route_tokens
 from moga.window import check_context_frames, check_window
@@ -44,8 +53,15 @@ class MoGAWanAttnProcessor:
     q, k, v (see :func:`moga.modules.moga_layer_attention`) and ``to_out`` projects the mean.
 
     After each call ``last_balance_loss`` is this layer's group balance loss (paper form, without alpha) and
-    ``last_group_fraction`` (M,) the fraction of tokens routed to each group (detached).
+    ``last_group_fraction`` (M,) the fraction of tokens routed to each group (detached). Under diffusers'
+    context parallelism both are those of the whole sequence, identical on every rank; the balance loss's gradient
+    reaches only this rank's tokens (summed over ranks it is the single-process gradient).
     """
+
+    # Read by diffusers: enable_parallelism sets _parallel_config on processors that have the attribute, and
+    # checks the attention backend of the first processor that declares one (None: the active backend).
+    _attention_backend = None
+    _parallel_config = None
 
     def __init__(
         self,
@@ -90,12 +106,22 @@ class MoGAWanAttnProcessor:
             query = apply_rotary_interleaved(query, *rotary_emb)
             key = apply_rotary_interleaved(key, *rotary_emb)
 
-        logits = attn.router(hidden_states)
+        logits = attn.router(hidden_states)  # (B, n, M): this rank's tokens under context parallelism
+        group = _ulysses_group(self._parallel_config)
+        if group is not None:
+            # Sequence shards -> head shards: every rank sees all N tokens of its H/P heads.
+            query, key, value = qkv_to_heads(query, key, value, group)
+            full_logits = gather_sequence(logits, group)
+        else:
+            full_logits = logits
         out = moga_layer_attention(
-            query, key, value, logits, top_k=self.top_k, grid=self.state.grid, window=self.window,
+            query, key, value, full_logits, top_k=self.top_k, grid=self.state.grid, window=self.window,
             frame_attention=self.frame_attention, shot_starts=self.state.shot_starts,
             context_frames=self.context_frames, backend=self.backend,
         )
+        if group is not None:
+            out = heads_to_sequence(out, group)
+            logits = _with_local_grad(full_logits, logits, group)
         self.last_balance_loss = group_balance_loss(logits, self.top_k, form="paper")
         with torch.no_grad():
             # The routing moga_attention used (ties to the lower group), not torch.topk's tie order.
@@ -108,6 +134,33 @@ class MoGAWanAttnProcessor:
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+def _ulysses_group(parallel_config: Any) -> Any:
+    """The Ulysses process group of diffusers' context parallelism, or None when it is off (or of degree 1)."""
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None:
+        return None
+    if (cp.ring_degree or 1) > 1:
+        raise NotImplementedError(
+            f"MoGA supports diffusers' Ulysses context parallelism only, got ring_degree={cp.ring_degree}: a routed "
+            "group spans the whole sequence, so use ContextParallelConfig(ulysses_degree=P)"
+        )
+    if getattr(cp, "ulysses_anything", False):
+        raise NotImplementedError("MoGA needs equal sequence shards: ulysses_anything=True is not supported")
+    if (cp.ulysses_degree or 1) == 1:
+        return None
+    return cp._ulysses_mesh.get_group()
+
+
+def _with_local_grad(full: torch.Tensor, local: torch.Tensor, group: Any) -> torch.Tensor:
+    """``full`` (B, N, M), the gathered logits, with this rank's slice replaced by ``local`` (B, N/P, M) and the
+    rest detached: a loss on it has the full sequence's value and sends gradient to this rank's tokens only."""
+    import torch.distributed as dist
+
+    n, rank = local.shape[1], dist.get_rank(group)
+    rest = full.detach()
+    return torch.cat([rest[:, : rank * n], local, rest[:, (rank + 1) * n :]], dim=1)
 
 
 def _record_video_state(state: VideoState):

@@ -1,0 +1,158 @@
+"""apply_moga under diffusers' own context parallelism (Ulysses), two gloo ranks on the CPU.
+
+Each rank builds the same tiny Wan transformer with MoGA (routed top-2, STGA with shots and context frames,
+per-frame branch), runs it once without parallelism (the reference), then calls
+``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))`` and runs it again. The outputs,
+the layers' balance losses and group fractions must match the reference, and the parameter gradients summed over
+the ranks must equal the reference's (routers and a pretrained projection alike).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.utils import TOL, rel_err
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("diffusers.models._modeling_parallel")
+
+WORLD = 2
+SPAWN_TIMEOUT_S = 300
+LATENT = (1, 4, 3, 8, 8)  # post-patchify grid (3, 4, 4): 48 tokens, 24 per rank
+
+
+def _model_and_inputs():
+    from moga.integrations.diffusers import apply_moga
+
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+    apply_moga(model, num_groups=3, top_k=2, window=(2, 2, 2), frame_attention=True, context_frames=1)
+    torch.manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(LATENT),
+        timestep=torch.tensor([500]),
+        encoder_hidden_states=torch.randn(1, 5, 16),
+        attention_kwargs={"shot_starts": [0, 2]},
+        return_dict=False,
+    )
+    return model, inputs, torch.randn(LATENT)
+
+
+WATCHED = ("blocks.0.attn1.router.proj.weight", "blocks.1.attn1.router.proj.weight", "blocks.0.attn1.to_q.weight")
+
+
+def _run(model, inputs, weights) -> dict:
+    from moga.integrations.diffusers import moga_balance_loss, moga_processors
+
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)[0]
+    loss = (out * weights).sum() + 0.1 * moga_balance_loss(model)
+    loss.backward()
+    params = dict(model.named_parameters())
+    return {
+        "out": out.detach(),
+        "balance": [p.last_balance_loss.detach() for p in moga_processors(model)],
+        "fraction": [p.last_group_fraction for p in moga_processors(model)],
+        "grads": {name: params[name].grad.detach().clone() for name in WATCHED},
+    }
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        # Two shims for running diffusers' context parallelism on a machine without an accelerator: its mesh setup
+        # takes `rank % torch.accelerator.device_count()` (0 on a CPU-only machine), and its input splitter calls
+        # `logger.warning_once` (missing from the stdlib logger) for the (B,)-shaped Wan 2.1 timestep.
+        torch.accelerator.device_count = lambda: 1
+        if not hasattr(logging.Logger, "warning_once"):
+            logging.Logger.warning_once = logging.Logger.warning
+        from diffusers import ContextParallelConfig
+
+        model, inputs, weights = _model_and_inputs()
+        ref = _run(model, inputs, weights)
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        got = _run(model, inputs, weights)
+        for g in got["grads"].values():
+            dist.all_reduce(g)  # what a trainer's gradient sync over the CP group does
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump({"ref": ref, "got": got}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> list[dict]:
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out_dir = str(tmp_path_factory.mktemp("diffusers_cp"))
+    os.environ["OMP_NUM_THREADS"] = "1"
+    ctx = mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"context-parallel children did not finish in {SPAWN_TIMEOUT_S} s")
+    per_rank = []
+    for r in range(WORLD):
+        with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
+            per_rank.append(pickle.load(f))
+    return per_rank
+
+
+def test_output_matches_single_process(records) -> None:
+    for rec in records:
+        assert rec["got"]["out"].shape == rec["ref"]["out"].shape
+        assert rel_err(rec["got"]["out"], rec["ref"]["out"].double()) < TOL[torch.float32]
+
+
+def test_balance_loss_and_group_fractions_are_the_whole_sequence(records) -> None:
+    for rec in records:
+        for got, ref in zip(rec["got"]["balance"], rec["ref"]["balance"], strict=True):
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
+        for got, ref in zip(rec["got"]["fraction"], rec["ref"]["fraction"], strict=True):
+            assert torch.allclose(got, ref, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", WATCHED)
+def test_gradients_summed_over_ranks_match_single_process(records, name: str) -> None:
+    for rec in records:
+        got, ref = rec["got"]["grads"][name], rec["ref"]["grads"][name]
+        assert ref.norm() > 0
+        assert rel_err(got, ref.double()) < 1e-5, name
+
+
+def test_ring_attention_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from moga.integrations.diffusers import _ulysses_group
+
+    assert _ulysses_group(None) is None
+    assert _ulysses_group(SimpleNamespace(context_parallel_config=None)) is None
+    one = SimpleNamespace(ring_degree=1, ulysses_degree=1, ulysses_anything=False)
+    assert _ulysses_group(SimpleNamespace(context_parallel_config=one)) is None
+    ring = SimpleNamespace(ring_degree=2, ulysses_degree=1, ulysses_anything=False)
+    with pytest.raises(NotImplementedError, match="ring_degree=2"):
+        _ulysses_group(SimpleNamespace(context_parallel_config=ring))
+    uneven = SimpleNamespace(ring_degree=1, ulysses_degree=2, ulysses_anything=True)
+    with pytest.raises(NotImplementedError, match="ulysses_anything"):
+        _ulysses_group(SimpleNamespace(context_parallel_config=uneven))
