@@ -67,6 +67,28 @@ def test_routers_train_and_save_with_the_model():
         assert proc.last_group_fraction.sum().item() == pytest.approx(1.0)
 
 
+def test_gradient_checkpointing_keeps_every_gradient():
+    """Long-video training checkpoints the blocks: the balance loss is a side output of the checkpointed region,
+    and must still carry its gradient (non-reentrant recomputation) exactly as without checkpointing."""
+    x, weights = inputs(), torch.randn(LATENT)
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_wan().train()
+        apply_moga(model, 3, top_k=2, window=(2, 2, 2), frame_attention=True)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        out = model(**x).sample
+        loss = (out * weights).sum() + 0.1 * moga_balance_loss(model)
+        assert loss.requires_grad
+        loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    assert any("router" in n for n in grads[True])
+    for name, g in grads[False].items():
+        assert torch.allclose(grads[True][name], g, rtol=1e-5, atol=1e-7), name
+
+
 @pytest.mark.parametrize("top_k,want", [(1, [1.0, 0.0, 0.0, 0.0]), (2, [1.0, 1.0, 0.0, 0.0])])
 def test_group_fraction_follows_the_routing_on_ties(top_k, want):
     """Zero router weights tie every group: moga_attention routes every token to the lowest top_k groups, and the
