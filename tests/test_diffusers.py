@@ -89,6 +89,19 @@ def test_gradient_checkpointing_keeps_every_gradient():
         assert torch.allclose(grads[True][name], g, rtol=1e-5, atol=1e-7), name
 
 
+def test_torch_compile_fullgraph_matches_eager():
+    """torch.compile of the whole converted transformer traces MoGA without a graph break (fullgraph=True):
+    backend lookup and the cached window layouts must stay out of Dynamo's way."""
+    model, x = tiny_wan(), inputs()
+    apply_moga(model, 3, top_k=2, window=(2, 2, 2), frame_attention=True)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):  # the second call reuses the compiled graph on new values
+            x["hidden_states"] = torch.randn(LATENT)
+            ref = model(**x).sample
+            assert rel_err(compiled(**x).sample, ref.double()) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("top_k,want", [(1, [1.0, 0.0, 0.0, 0.0]), (2, [1.0, 1.0, 0.0, 0.0])])
 def test_group_fraction_follows_the_routing_on_ties(top_k, want):
     """Zero router weights tie every group: moga_attention routes every token to the lowest top_k groups, and the

@@ -209,7 +209,10 @@ def window_attention(
     shots = normalize_shot_starts(shot_starts, g[0])
     c = check_context_frames(context_frames)
     scale = softmax_scale_or_default(softmax_scale, D)
-    layout = window_layout(g, win, shots, c, q.device, B)
+    # Under torch.compile the layout is traced from its (static) arguments into the graph: Dynamo does not
+    # consult an lru_cache, so call the function itself rather than have it warn that it bypasses the cache.
+    build = window_layout.__wrapped__ if torch.compiler.is_compiling() else window_layout
+    layout = build(g, win, shots, c, q.device, B)
     return _run_segments(q, k, v, layout, scale, backend, deterministic)[:, 0].view(q.shape)
 
 

@@ -33,14 +33,21 @@ _MODULES = {
 }
 
 
+# name -> imported module (or None when it cannot import), filled on first use. A plain dict lookup on every
+# later call keeps importlib out of the hot path, where torch.compile would break the graph on it each time.
+_LOADED: dict[str, ModuleType | None] = {}
+
+
 def get_backend(name: str) -> ModuleType | None:
     """The backend module, or None when its module is missing or cannot import."""
     if name not in _MODULES:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
-    try:
-        return importlib.import_module(_MODULES[name])
-    except ImportError:
-        return None
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(_MODULES[name])
+        except ImportError:
+            _LOADED[name] = None
+    return _LOADED[name]
 
 
 def available_backends() -> list[str]:
