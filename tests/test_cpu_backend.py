@@ -413,6 +413,47 @@ def test_torch_compile_group_attention() -> None:
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("api", ["group_attention", "moga_attention", "window_attention"])
+def test_torch_compile_fullgraph_forward_and_backward(api: str) -> None:
+    """Each public function traces as one graph (fullgraph=True), forward and backward, and matches eager."""
+    B, N, Hq, Hkv, D, M = 1, 48, 4, 2, 16, 3
+    q, k, v = qkv(B, N, Hq, Hkv, D)
+    logits = torch.randn(B, N, M, requires_grad=True)
+    g = torch.randint(-1, M, (B, N))
+    calls = {
+        "group_attention": lambda q, k, v, lg: moga.group_attention(q, k, v, g, num_groups=M, backend="cpu"),
+        "moga_attention": lambda q, k, v, lg: moga.moga_attention(q, k, v, lg, top_k=2, backend="cpu"),
+        "window_attention": lambda q, k, v, lg: moga.window_attention(q, k, v, grid=(3, 4, 4), window=(2, 2, 3)),
+    }
+    fn = calls[api]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaves = [q, k, v, logits]
+    dout = torch.randn(B, N, Hq, D)
+    results = []
+    for f in (fn, compiled):
+        out = f(*leaves)
+        grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
+        results.append([out, *grads])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert rel_err(got, want.double()) < 1e-6
+
+
+def test_torch_compile_checks_group_ids_in_the_graph() -> None:
+    """Under torch.compile the num_groups range check is an assertion op (no host read, no graph break)."""
+    q, k, v = qkv(1, 16, 2, 2, 16, requires_grad=False)
+    g = torch.randint(0, 3, (1, 16))
+    compiled = torch.compile(
+        lambda g: moga.group_attention(q, k, v, g, num_groups=3, backend="cpu"), fullgraph=True, backend="aot_eager"
+    )
+    compiled(g)
+    g[0, 5] = 3
+    with pytest.raises(RuntimeError, match="group_ids must be < num_groups"):
+        compiled(g)
+
+
 @pytest.mark.parametrize("name", ["context_keys", "many_context"])
 def test_bwd_through_positions_matches_op_backward(name: str) -> None:
     """The deterministic backward for repeated tokens (used on CUDA, where the kernels sum repeated tokens with

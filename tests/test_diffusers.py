@@ -102,6 +102,23 @@ def test_torch_compile_fullgraph_matches_eager():
             assert rel_err(compiled(**x).sample, ref.double()) < TOL[torch.float32]
 
 
+def test_torch_compile_fullgraph_training_step_matches_eager():
+    """A training step (forward, balance loss, backward) of the compiled converted transformer, as one graph."""
+    x, weights = inputs(), torch.randn(LATENT)
+    grads = []
+    for compile_it in (False, True):
+        torch.manual_seed(0)
+        model = tiny_wan().train()
+        apply_moga(model, 3, top_k=2, window=(2, 2, 2), frame_attention=True)
+        run = torch.compile(model, fullgraph=True, backend="aot_eager") if compile_it else model
+        out = run(**x).sample
+        ((out * weights).sum() + 0.1 * moga_balance_loss(model)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[1].keys() == grads[0].keys() and any("router" in n for n in grads[0])
+    for name, g in grads[0].items():
+        assert rel_err(grads[1][name], g.double()) < 1e-5, name
+
+
 @pytest.mark.parametrize("top_k,want", [(1, [1.0, 0.0, 0.0, 0.0]), (2, [1.0, 1.0, 0.0, 0.0])])
 def test_group_fraction_follows_the_routing_on_ties(top_k, want):
     """Zero router weights tie every group: moga_attention routes every token to the lowest top_k groups, and the

@@ -33,8 +33,9 @@ _MODULES = {
 }
 
 
-# name -> imported module (or None when it cannot import), filled on first use. A plain dict lookup on every
-# later call keeps importlib out of the hot path, where torch.compile would break the graph on it each time.
+# name -> imported module (or None when it cannot import), filled for every backend at the end of this module (our
+# backend modules import in about a millisecond; third-party packages load lazily inside them). A dict lookup keeps
+# importlib out of traced code: torch.compile cannot trace it (fullgraph=True fails, otherwise a graph break).
 _LOADED: dict[str, ModuleType | None] = {}
 
 
@@ -82,3 +83,8 @@ def select_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if reason is not None:
         raise ValueError(f"backend {backend!r} cannot run these inputs: {reason}")
     return mod
+
+
+for _name in BACKEND_NAMES:
+    get_backend(_name)
+del _name

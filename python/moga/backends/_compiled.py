@@ -42,7 +42,9 @@ def bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout (Lq, Hq, D) -> dq (T, Hq, D), dk/dv (T, Hkv, D) in token space, dtype of the inputs."""
     _ops.sync_poison_outputs()
-    dout, q, k, v = (_last_dim_contiguous(t) for t in (dout, q, k, v))
+    # A list, not a generator: torch.compile traces this inside the autograd backward, where unpacking a
+    # generator expression fails the trace ("generator already executing").
+    dout, q, k, v = [_last_dim_contiguous(t) for t in (dout, q, k, v)]
     repeated = not (layout.q_unique and layout.k_unique)
     if repeated and q.device.type == "cuda" and deterministic_enabled():
         # The CUDA kernels sum the gradients of repeated tokens with float atomics (order varies run to run).
