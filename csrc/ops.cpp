@@ -100,6 +100,35 @@ void check_segment_attention_bwd_args(const at::Tensor& dout, const at::Tensor& 
               "), got ", lse.sizes());
 }
 
+void check_gated_unpermute_args(const at::Tensor& out_seg, const at::Tensor& position, const at::Tensor& gates,
+                                c10::DeviceType device) {
+  check_float_tensor(out_seg, "out_seg", device);
+  check_index_tensor(position, "position", device);
+  TORCH_CHECK_VALUE(gates.dim() == 2, "moga: gates must have shape (tokens, top_k), got ", gates.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(gates.scalar_type()), "moga: gates must be floating point, got ",
+                   gates.scalar_type());
+  TORCH_CHECK_VALUE(gates.device() == out_seg.device() && position.device() == out_seg.device(),
+                    "moga: out_seg, position and gates must be on one device, got ", out_seg.device(), ", ",
+                    position.device(), " and ", gates.device());
+  TORCH_CHECK_VALUE(position.numel() == gates.numel() && out_seg.size(0) == position.numel(), "moga: out_seg (",
+                    out_seg.sizes(), ") needs one row per entry of gates (", gates.sizes(), ") and of position (",
+                    position.sizes(), ")");
+}
+
+void check_gated_unpermute_bwd_args(const at::Tensor& dout, const at::Tensor& out_seg, const at::Tensor& position,
+                                    const at::Tensor& gates, c10::DeviceType device) {
+  check_gated_unpermute_args(out_seg, position, gates, device);
+  check_float_tensor(dout, "dout", device);
+  TORCH_CHECK_TYPE(dout.scalar_type() == out_seg.scalar_type(), "moga: dout must have the dtype of out_seg (",
+                   out_seg.scalar_type(), "), got ", dout.scalar_type());
+  TORCH_CHECK_VALUE(dout.size(0) == gates.size(0) && dout.size(1) == out_seg.size(1) &&
+                        dout.size(2) == out_seg.size(2),
+                    "moga: dout must have shape (T, H, D) = (", gates.size(0), ", ", out_seg.size(1), ", ",
+                    out_seg.size(2), "), got ", dout.sizes());
+  TORCH_CHECK_VALUE(dout.device() == out_seg.device(), "moga: dout must be on ", out_seg.device(), ", got ",
+                    dout.device());
+}
+
 }  // namespace moga
 
 TORCH_LIBRARY(moga, m) {
@@ -111,6 +140,10 @@ TORCH_LIBRARY(moga, m) {
       "segment_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor q_index, "
       "Tensor q_offsets, Tensor k_index, Tensor k_offsets, float scale, bool q_unique, bool k_unique) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("gated_unpermute(Tensor out_seg, Tensor position, Tensor gates) -> Tensor");
+  m.def(
+      "gated_unpermute_bwd(Tensor dout, Tensor out_seg, Tensor position, Tensor gates) "
+      "-> (Tensor d_out_seg, Tensor d_gates)");
 }
 
 // ---- Python module moga._C: importing it runs the registrations above. -------------------------------------------

@@ -31,4 +31,13 @@ void check_segment_attention_bwd_args(const at::Tensor& dout, const at::Tensor& 
                                       const at::Tensor& k_index, const at::Tensor& k_offsets, double scale,
                                       c10::DeviceType device);
 
+// out_seg (L, H, D) float16/bfloat16/float32/float64 with a contiguous last dim, position (L,) int64,
+// gates (T, K) floating with T * K == L, all on `device`.
+void check_gated_unpermute_args(const at::Tensor& out_seg, const at::Tensor& position, const at::Tensor& gates,
+                                c10::DeviceType device);
+
+// The above plus dout (T, H, D) in out_seg's dtype.
+void check_gated_unpermute_bwd_args(const at::Tensor& dout, const at::Tensor& out_seg, const at::Tensor& position,
+                                    const at::Tensor& gates, c10::DeviceType device);
+
 }  // namespace moga

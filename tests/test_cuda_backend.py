@@ -455,3 +455,36 @@ def test_rejects_unsupported_inputs():
     off = torch.tensor([0, 8], device=DEVICE)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         torch.ops.moga.segment_attention_fwd(q, q, q, idx, off, idx, off, 0.125)
+
+
+# ---- the gated un-permute ops on CUDA ----------------------------------------------------------------------------
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("T, K", [(0, 2), (1, 1), (1000, 2), (70_000, 3)])
+def test_gated_unpermute_cuda_matches_float64(dtype, T, K):
+    """torch.ops.moga.gated_unpermute(_bwd) on CUDA: outputs and both gradients vs float64, every element written."""
+    from moga.gate import gated_unpermute
+
+    H, D = 3, 40  # rows of 120 elements: not a multiple of the 256 threads of a CTA
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out_seg = torch.randn(T * K, H, D, generator=gen).to(DEVICE, dtype).requires_grad_(True)
+    position = torch.randperm(T * K, generator=gen).to(DEVICE)
+    gates = torch.rand(T, K, generator=gen).to(DEVICE).requires_grad_(True)
+    dout = torch.randn(T, H, D, generator=gen).to(DEVICE, dtype)
+    with poisoned_outputs():
+        _ops.sync_poison_outputs()
+        out = gated_unpermute(out_seg, position, gates, impl="compiled")
+        d_seg, d_gates = torch.autograd.grad(out, (out_seg, gates), dout)
+    _ops.sync_poison_outputs()
+    seg64, gates64 = out_seg.detach().double().requires_grad_(True), gates.detach().double().requires_grad_(True)
+    want = (seg64[position].view(T, K, H, D) * gates64[:, :, None, None]).sum(1)
+    want_grads = torch.autograd.grad(want, (seg64, gates64), dout.double()) if T else (seg64, gates64)
+    tol = 1e-12 if dtype == torch.float64 else 2 * torch.finfo(dtype).eps + 1e-6
+    checks = (("out", out, want), ("d_out_seg", d_seg, want_grads[0]), ("d_gates", d_gates, want_grads[1]))
+    for name, got, ref in checks:
+        assert not got.isnan().any(), name
+        if T:
+            assert rel_err(got, ref.detach()) <= tol, name

@@ -150,6 +150,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attention_bwd_cuda(
   return {dq, dk, dv};
 }
 
+moga_cuda::GateDType gate_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return moga_cuda::GateDType::kHalf;
+    case at::kBFloat16: return moga_cuda::GateDType::kBFloat16;
+    case at::kDouble: return moga_cuda::GateDType::kDouble;
+    default: return moga_cuda::GateDType::kFloat;  // check_float_tensor admits only these four
+  }
+}
+
+// Gates in the kernels' accumulation type: float64 for float64 rows, else float32 (a (T, K) tensor, tiny).
+at::Tensor gates_in_acc(const at::Tensor& out_seg, const at::Tensor& gates) {
+  return gates.to(out_seg.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+// Row indices out of [0, L) would read or write outside out_seg: checked on the device, without a host sync (a
+// repeated index stays in bounds; the CPU op also rejects those).
+void assert_rows_in_range(const at::Tensor& position) {
+  at::_assert_async(((position >= 0) & (position < position.numel())).all(),
+                    "moga: position must hold rows of out_seg in [0, T * K)");
+}
+
+at::Tensor gated_unpermute_cuda(const at::Tensor& out_seg_in, const at::Tensor& position_in,
+                                const at::Tensor& gates_in) {
+  check_gated_unpermute_args(out_seg_in, position_in, gates_in, kCUDA);
+  const c10::cuda::CUDAGuard guard(out_seg_in.device());
+  const at::Tensor out_seg = out_seg_in.contiguous(), position = position_in.contiguous();
+  const at::Tensor gates = gates_in_acc(out_seg, gates_in);
+  assert_rows_in_range(position);
+  const int64_t T = gates.size(0), K = gates.size(1), E = out_seg.size(1) * out_seg.size(2);
+  at::Tensor out = empty_output({T, out_seg.size(1), out_seg.size(2)}, out_seg.options());
+  C10_CUDA_CHECK(moga_cuda::gated_unpermute_fwd(gate_dtype(out_seg), out_seg.data_ptr(), position.data_ptr<int64_t>(),
+                                                gates.data_ptr(), T, K, E, out.data_ptr(),
+                                                at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_unpermute_bwd_cuda(const at::Tensor& dout_in, const at::Tensor& out_seg_in,
+                                                            const at::Tensor& position_in,
+                                                            const at::Tensor& gates_in) {
+  check_gated_unpermute_bwd_args(dout_in, out_seg_in, position_in, gates_in, kCUDA);
+  const c10::cuda::CUDAGuard guard(out_seg_in.device());
+  const at::Tensor dout = dout_in.contiguous(), out_seg = out_seg_in.contiguous();
+  const at::Tensor position = position_in.contiguous(), gates = gates_in_acc(out_seg, gates_in);
+  assert_rows_in_range(position);
+  const int64_t T = gates.size(0), K = gates.size(1), E = out_seg.size(1) * out_seg.size(2);
+  at::Tensor d_seg = empty_output(out_seg.sizes(), out_seg.options());
+  at::Tensor d_gates = empty_output({T, K}, gates.options());
+  C10_CUDA_CHECK(moga_cuda::gated_unpermute_bwd(gate_dtype(out_seg), dout.data_ptr(), out_seg.data_ptr(),
+                                                position.data_ptr<int64_t>(), gates.data_ptr(), T, K, E,
+                                                d_seg.data_ptr(), d_gates.data_ptr(),
+                                                at::cuda::getCurrentCUDAStream()));
+  return {d_seg, d_gates.to(gates_in.scalar_type())};
+}
+
 }  // namespace
 }  // namespace moga
 
@@ -157,4 +211,6 @@ TORCH_LIBRARY_IMPL(moga, CUDA, m) {
   m.impl("sort_by_segment", &moga::sort_by_segment_cuda);
   m.impl("segment_attention_fwd", &moga::segment_attention_fwd_cuda);
   m.impl("segment_attention_bwd", &moga::segment_attention_bwd_cuda);
+  m.impl("gated_unpermute", &moga::gated_unpermute_cuda);
+  m.impl("gated_unpermute_bwd", &moga::gated_unpermute_bwd_cuda);
 }

@@ -100,4 +100,21 @@ struct SegmentAttentionGrads {
 cudaError_t segment_attention_bwd(const SegmentAttentionArgs& a, const SegmentAttentionGrads& g, int64_t* workspace,
                                   cudaStream_t stream);
 
+// ---- gated un-permute ----------------------------------------------------------------------------------------------
+
+// Element type of out_seg / dout / out / d_out_seg; gates are passed in the accumulation type: float, or double for
+// kDouble.
+enum class GateDType { kHalf, kBFloat16, kFloat, kDouble };
+
+// out (T, H * D) = sum_j gates[t, j] * out_seg[position[t * K + j]], rows of E = H * D contiguous elements.
+// position must be a permutation of [0, T * K) (not checked here). Every element of out is written.
+cudaError_t gated_unpermute_fwd(GateDType dtype, const void* out_seg, const int64_t* position, const void* gates,
+                                int64_t T, int64_t K, int64_t E, void* out, cudaStream_t stream);
+
+// d_out_seg[position[t * K + j]] = gates[t, j] * dout[t]; d_gates[t, j] = <dout[t], out_seg[position[t * K + j]]>,
+// d_gates in the accumulation type. Every element of both is written.
+cudaError_t gated_unpermute_bwd(GateDType dtype, const void* dout, const void* out_seg, const int64_t* position,
+                                const void* gates, int64_t T, int64_t K, int64_t E, void* d_out_seg, void* d_gates,
+                                cudaStream_t stream);
+
 }  // namespace moga_cuda

@@ -8,6 +8,9 @@ Importing this module loads the extension when it was built, and registers fake 
   lse (Hq, Lq) float32)``
 * ``segment_attention_bwd(dout, q, k, v, out, lse, q_index, q_offsets, k_index, k_offsets, scale, q_unique,
   k_unique) -> (dq like q, dk like k, dv like v)``
+* ``gated_unpermute(out_seg (T * K, H, D), position (T * K,) int64, gates (T, K)) -> out (T, H, D)``
+* ``gated_unpermute_bwd(dout (T, H, D), out_seg, position, gates) -> (d_out_seg like out_seg,
+  d_gates like gates)``
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import torch
 
 from moga import _alloc
 
-OP_NAMES = ("sort_by_segment", "segment_attention_fwd", "segment_attention_bwd")
+OP_NAMES = (
+    "sort_by_segment",
+    "segment_attention_fwd",
+    "segment_attention_bwd",
+    "gated_unpermute",
+    "gated_unpermute_bwd",
+)
 
 try:
     from moga import _C
@@ -86,3 +95,11 @@ if _C is not None:
         dout, q, k, v, out, lse, q_index, q_offsets, k_index, k_offsets, scale, q_unique, k_unique
     ):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("moga::gated_unpermute")
+    def _gated_unpermute_fake(out_seg, position, gates):
+        return out_seg.new_empty(gates.shape[0], out_seg.shape[1], out_seg.shape[2])
+
+    @torch.library.register_fake("moga::gated_unpermute_bwd")
+    def _gated_unpermute_bwd_fake(dout, out_seg, position, gates):
+        return out_seg.new_empty(out_seg.shape), gates.new_empty(gates.shape)

@@ -12,11 +12,18 @@ products are a per-row scaling, not a matmul worth running in low precision.
 Backward: d out_seg[position[t * K + j]] = gate[t, j] * dout[t] (``position`` is a permutation, so every row
 has one writer) and d gate[t, j] = sum over (h, d) of dout[t] * out_seg[position[t * K + j]], the gate's
 gradient the router learns through.
+
+Two implementations with the same contract: the compiled ops ``moga::gated_unpermute`` / ``gated_unpermute_bwd``
+(``csrc/cpu/gated_unpermute.cpp``, ``csrc/cuda/gated_unpermute.cu``: one fused pass over the rows, no temporary at
+all), used wherever the extension has them for the tensors' device, and the chunked torch composition below
+(identical accumulation dtype; the sum over K may associate differently), used otherwise.
 """
 
 from __future__ import annotations
 
 import torch
+
+from moga import _ops
 
 # float32 elements per chunk of the products (128 MB): bounds the temporaries independently of N.
 _CHUNK_ELEMENTS = 1 << 25
@@ -74,8 +81,44 @@ class _GatedUnpermute(torch.autograd.Function):
         return d_seg, None, d_gates
 
 
-def gated_unpermute(out_seg: torch.Tensor, position: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+class _CompiledGatedUnpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out_seg: torch.Tensor, position: torch.Tensor, gates: torch.Tensor):  # type: ignore[override]
+        _ops.sync_poison_outputs()
+        ctx.save_for_backward(out_seg, position, gates)
+        return torch.ops.moga.gated_unpermute(out_seg, position, gates)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
+        out_seg, position, gates = ctx.saved_tensors
+        _ops.sync_poison_outputs()
+        d_seg, d_gates = torch.ops.moga.gated_unpermute_bwd(dout.contiguous(), out_seg, position, gates)
+        return (
+            d_seg if ctx.needs_input_grad[0] else None,
+            None,
+            d_gates if ctx.needs_input_grad[2] else None,
+        )
+
+
+IMPLS = ("auto", "compiled", "torch")
+
+
+def gated_unpermute(
+    out_seg: torch.Tensor, position: torch.Tensor, gates: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
     """out_seg (L, H, D) segment-order outputs, position (T * K,) int64 permutation of [0, L) with L = T * K,
     gates (T, K) float -> out (T, H, D) in out_seg's dtype, computed in float32 (float64 for float64 inputs).
-    Differentiable in out_seg and gates."""
+    Differentiable in out_seg and gates.
+
+    impl: ``"compiled"`` (the moga._C ops; ValueError where the extension lacks them for this device),
+    ``"torch"`` (the chunked composition), ``"auto"`` (compiled where available).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    device = out_seg.device.type
+    compiled = _ops.ops_available(device, "gated_unpermute") and _ops.ops_available(device, "gated_unpermute_bwd")
+    if impl == "compiled" and not compiled:
+        raise ValueError(f"the compiled gated_unpermute ops are not available for {device} tensors")
+    if impl != "torch" and compiled:
+        return _CompiledGatedUnpermute.apply(out_seg, position, gates)
     return _GatedUnpermute.apply(out_seg, position, gates)
