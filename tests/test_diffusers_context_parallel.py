@@ -30,7 +30,9 @@ SPAWN_TIMEOUT_S = 300
 LATENT = (1, 4, 3, 8, 8)  # post-patchify grid (3, 4, 4): 48 tokens, 24 per rank
 
 
-def _model_and_inputs():
+def _model_and_inputs(parallel_config=None):
+    """The model (the same weights and routers on every call) and its inputs. With ``parallel_config``, context
+    parallelism is enabled BEFORE apply_moga (the other order is tested by enabling it afterwards)."""
     from moga.integrations.diffusers import apply_moga
 
     torch.manual_seed(0)
@@ -38,6 +40,8 @@ def _model_and_inputs():
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
     ).eval()  # fmt: skip
+    if parallel_config is not None:
+        model.enable_parallelism(config=parallel_config)
     apply_moga(model, num_groups=3, top_k=2, window=(2, 2, 2), frame_attention=True, context_frames=1)
     torch.manual_seed(1)
     inputs = dict(
@@ -87,8 +91,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         got = _run(model, inputs, weights)
         for g in got["grads"].values():
             dist.all_reduce(g)  # what a trainer's gradient sync over the CP group does
+        model_first, inputs, weights = _model_and_inputs(ContextParallelConfig(ulysses_degree=WORLD))
+        got_first = _run(model_first, inputs, weights)
+        for g in got_first["grads"].values():
+            dist.all_reduce(g)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump({"ref": ref, "got": got}, f)
+            pickle.dump({"ref": ref, "got": got, "got_parallel_first": got_first}, f)
     finally:
         dist.destroy_process_group()
     # Leave without interpreter teardown: after diffusers' context parallelism on gloo, the process sometimes
@@ -123,24 +131,30 @@ def records(tmp_path_factory) -> list[dict]:
     return per_rank
 
 
-def test_output_matches_single_process(records) -> None:
-    for rec in records:
-        assert rec["got"]["out"].shape == rec["ref"]["out"].shape
-        assert rel_err(rec["got"]["out"], rec["ref"]["out"].double()) < TOL[torch.float32]
+ORDERS = ["got", "got_parallel_first"]  # enable_parallelism after apply_moga, and before it
 
 
-def test_balance_loss_and_group_fractions_are_the_whole_sequence(records) -> None:
+@pytest.mark.parametrize("order", ORDERS)
+def test_output_matches_single_process(records, order: str) -> None:
     for rec in records:
-        for got, ref in zip(rec["got"]["balance"], rec["ref"]["balance"], strict=True):
+        assert rec[order]["out"].shape == rec["ref"]["out"].shape
+        assert rel_err(rec[order]["out"], rec["ref"]["out"].double()) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_balance_loss_and_group_fractions_are_the_whole_sequence(records, order: str) -> None:
+    for rec in records:
+        for got, ref in zip(rec[order]["balance"], rec["ref"]["balance"], strict=True):
             assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
-        for got, ref in zip(rec["got"]["fraction"], rec["ref"]["fraction"], strict=True):
+        for got, ref in zip(rec[order]["fraction"], rec["ref"]["fraction"], strict=True):
             assert torch.allclose(got, ref, atol=1e-7)
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("name", WATCHED)
-def test_gradients_summed_over_ranks_match_single_process(records, name: str) -> None:
+def test_gradients_summed_over_ranks_match_single_process(records, name: str, order: str) -> None:
     for rec in records:
-        got, ref = rec["got"]["grads"][name], rec["ref"]["grads"][name]
+        got, ref = rec[order]["grads"][name], rec["ref"]["grads"][name]
         assert ref.norm() > 0
         assert rel_err(got, ref.double()) < 1e-5, name
 

@@ -229,12 +229,14 @@ def apply_moga(
         attn = transformer.blocks[i].attn1
         ref = attn.to_q.weight
         attn.router = MoGARouter(attn.to_q.in_features, num_groups, bias=router_bias).to(ref.device, ref.dtype)
-        attn.set_processor(
-            MoGAWanAttnProcessor(
-                state, top_k=top_k, window=window, frame_attention=frame_attention,
-                context_frames=context_frames, backend=backend,
-            )
-        )
+        processor = MoGAWanAttnProcessor(
+            state, top_k=top_k, window=window, frame_attention=frame_attention,
+            context_frames=context_frames, backend=backend,
+        )  # fmt: skip
+        # enable_parallelism may have run before apply_moga: it hands its config only to the processors present
+        # then, and records it on the model.
+        processor._parallel_config = getattr(transformer, "_parallel_config", None)
+        attn.set_processor(processor)
     return transformer
 
 
