@@ -201,8 +201,8 @@ struct FwdWorkspace {
 
 // Packed operands, over the positions inside segments only (lq = q_offsets[S], lk = k_offsets[S]):
 // q_s = scale * q (Hq, lq, D), k and v (Hkv, lk, D); dout (Hq, lq, D) in the backward.
-// With the AVX-512 GEMM (float only) also the transposed copies k_t and v_t (Hkv, D, ld_t) of k and v, else
-// nullptr; v_t only for the backward (dP = dout V^T).
+// With the AVX-512 GEMM (float only) also the transposed copies k_t and v_t (Hkv, D, ld_t) of k and v; a layout
+// the pass does not read is nullptr (see PackedStorage).
 template <typename acc_t>
 struct Packed {
   const acc_t *q_s, *k, *v, *dout;
@@ -222,22 +222,26 @@ void times_transposed(int64_t R, int64_t bn, int64_t D, const acc_t* rows, const
   gemm_abt<acc_t>(R, bn, D, rows, D, x + (h * lk + k0) * D, D, acc_t(0), out, ld);
 }
 
+// Only the layouts a pass reads are packed. With the AVX-512 GEMM the forward reads k^T (S = Q K^T) and v (P V), the
+// backward k^T, v^T (dP = dout V^T) and k (dQ = dS K); with BLAS both read k and v.
 template <typename scalar_t, typename acc_t>
 struct PackedStorage {
-  at::Tensor q_s, k, v, k_t, v_t;  // k_t, v_t undefined unless the AVX-512 GEMM runs
+  at::Tensor q_s, k, v, k_t, v_t;  // undefined where not needed
+  int64_t lk;
   PackedStorage(const Problem<scalar_t, acc_t>& pb, bool backward)
-      : q_s(pack(pb.q, pb.q_index, pb.q_offsets[pb.S], pb.Hq, pb.D, pb.scale)),
-        k(pack(pb.k, pb.k_index, pb.k_offsets[pb.S], pb.Hkv, pb.D, acc_t(1))),
-        v(pack(pb.v, pb.k_index, pb.k_offsets[pb.S], pb.Hkv, pb.D, acc_t(1))) {
-    if (std::is_same_v<acc_t, float> && use_avx512_gemm()) {
-      k_t = pack_transposed<scalar_t, acc_t>(pb.k, pb.k_index, pb.k_offsets[pb.S], pb.Hkv, pb.D);
-      if (backward) v_t = pack_transposed<scalar_t, acc_t>(pb.v, pb.k_index, pb.k_offsets[pb.S], pb.Hkv, pb.D);
+      : q_s(pack(pb.q, pb.q_index, pb.q_offsets[pb.S], pb.Hq, pb.D, pb.scale)), lk(pb.k_offsets[pb.S]) {
+    const bool transposed = std::is_same_v<acc_t, float> && use_avx512_gemm();
+    if (!transposed || backward) k = pack(pb.k, pb.k_index, lk, pb.Hkv, pb.D, acc_t(1));
+    if (!transposed || !backward) v = pack(pb.v, pb.k_index, lk, pb.Hkv, pb.D, acc_t(1));
+    if (transposed) {
+      k_t = pack_transposed<scalar_t, acc_t>(pb.k, pb.k_index, lk, pb.Hkv, pb.D);
+      if (backward) v_t = pack_transposed<scalar_t, acc_t>(pb.v, pb.k_index, lk, pb.Hkv, pb.D);
     }
   }
   Packed<acc_t> view(const acc_t* dout = nullptr) const {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
-    return {q_s.const_data_ptr<acc_t>(), k.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), dout, q_s.size(1),
-            k.size(1), ptr(k_t), ptr(v_t), transposed_row_length(k.size(1))};
+    return {q_s.const_data_ptr<acc_t>(), ptr(k), ptr(v), dout, q_s.size(1), lk, ptr(k_t), ptr(v_t),
+            transposed_row_length(lk)};
   }
 };
 
