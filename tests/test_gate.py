@@ -126,3 +126,28 @@ def test_autocast_does_not_lower_the_product_precision(impl):
     assert torch.equal(got, want)
     for g, w in zip(got_grads, want_grads, strict=True):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("value, expect", [("torch", "torch"), ("", "auto"), ("bogus", "ValueError")])
+def test_gate_impl_from_environment(value, expect):
+    import os
+    import subprocess
+    import sys
+
+    code = "import moga.gate as g; print(g._AUTO)"
+    env = {**os.environ, "MOGA_GATE_IMPL": value}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if expect == "ValueError":
+        assert proc.returncode != 0 and "MOGA_GATE_IMPL must be one of" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == expect
+
+
+def test_auto_follows_the_environment_choice(monkeypatch):
+    """With MOGA_GATE_IMPL=torch, impl="auto" takes the torch path (its chunking is observable)."""
+    calls = []
+    monkeypatch.setattr(gate_mod, "_AUTO", "torch")
+    monkeypatch.setattr(gate_mod._GatedUnpermute, "apply", lambda *a: calls.append("torch") or a[0][: a[2].shape[0]])
+    gated_unpermute(torch.randn(4, 1, 2), torch.arange(4), torch.rand(4, 1))
+    assert calls == ["torch"]

@@ -21,6 +21,8 @@ all), used wherever the extension has them for the tensors' device, and the chun
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from moga import _ops
@@ -102,6 +104,12 @@ class _CompiledGatedUnpermute(torch.autograd.Function):
 
 IMPLS = ("auto", "compiled", "torch")
 
+# What impl="auto" means, from MOGA_GATE_IMPL at import ("auto" by default): "torch" keeps the compiled gate out of
+# every call, e.g. to tell a fault of the gate kernel from one of the attention kernels.
+_AUTO = os.environ.get("MOGA_GATE_IMPL", "auto").strip().lower() or "auto"
+if _AUTO not in IMPLS:
+    raise ValueError(f"MOGA_GATE_IMPL must be one of {IMPLS}, got {_AUTO!r}")
+
 
 def gated_unpermute(
     out_seg: torch.Tensor, position: torch.Tensor, gates: torch.Tensor, impl: str = "auto"
@@ -111,10 +119,13 @@ def gated_unpermute(
     Differentiable in out_seg and gates.
 
     impl: ``"compiled"`` (the moga._C ops; ValueError where the extension lacks them for this device),
-    ``"torch"`` (the chunked composition), ``"auto"`` (compiled where available).
+    ``"torch"`` (the chunked composition), ``"auto"`` (compiled where available, unless the environment variable
+    ``MOGA_GATE_IMPL`` named another at import).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = _AUTO
     device = out_seg.device.type
     compiled = _ops.ops_available(device, "gated_unpermute") and _ops.ops_available(device, "gated_unpermute_bwd")
     if impl == "compiled" and not compiled:
