@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from moga import _alloc, _ops
 from moga.backends import cpu_backend, torch_backend
 from moga.layout import SegmentLayout, routed_layout
 from moga.reference import group_attention_ref, moga_attention_ref
-from tests.utils import TOL, as_double_leaves, qkv, rel_err
+from tests.utils import TOL, as_double_leaves, qkv, rel_err, run_python
 
 pytestmark = pytest.mark.skipif(not cpu_backend.is_available(), reason=f"moga._C not built: {_ops.load_error()}")
 
@@ -376,12 +375,7 @@ def test_gemm_choice() -> None:
 
 @pytest.mark.parametrize("value, expect", [("blas", "blas"), ("Auto", None), ("nope", "ValueError")])
 def test_gemm_from_environment(value: str, expect: str | None) -> None:
-    import subprocess
-    import sys
-
-    code = "from moga.backends import cpu_backend; print(cpu_backend.gemm_in_use())"
-    env = {**os.environ, "MOGA_CPU_GEMM": value}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python("from moga.backends import cpu_backend; print(cpu_backend.gemm_in_use())", MOGA_CPU_GEMM=value)
     if expect == "ValueError":
         assert proc.returncode != 0 and "cpu gemm must be one of" in proc.stderr
     else:

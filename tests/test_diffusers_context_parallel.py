@@ -12,15 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.utils import TOL, rel_err
+from tests.utils import TOL, free_port, rel_err, spawn_ranks
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("diffusers.models._modeling_parallel")
@@ -105,30 +102,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out_dir = str(tmp_path_factory.mktemp("diffusers_cp"))
-    os.environ["OMP_NUM_THREADS"] = "1"
-    ctx = mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"context-parallel children did not finish in {SPAWN_TIMEOUT_S} s")
-    per_rank = []
-    for r in range(WORLD):
-        with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
-            per_rank.append(pickle.load(f))
-    return per_rank
+    return spawn_ranks(_worker, WORLD, (free_port(), out_dir), out_dir, SPAWN_TIMEOUT_S)
 
 
 ORDERS = ["got", "got_parallel_first"]  # enable_parallelism after apply_moga, and before it

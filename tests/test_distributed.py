@@ -14,15 +14,12 @@ import datetime
 import importlib.util
 import os
 import pickle
-import socket
-import time
 import traceback
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import moga
 from moga import _alloc
@@ -34,7 +31,7 @@ from moga.distributed import (
     ulysses_group_attention,
     ulysses_moga_attention,
 )
-from tests.utils import rel_err
+from tests.utils import free_port, rel_err, spawn_ranks
 
 TOL_FP32 = 1e-5
 WORLD_SIZES = (2, 4)
@@ -373,12 +370,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 # The pytest side.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"world{w}")
 def records(request, tmp_path_factory) -> tuple[int, list[dict]]:
     """Spawn ``world`` gloo processes once; return (world, per-rank result dicts)."""
@@ -386,19 +377,7 @@ def records(request, tmp_path_factory) -> tuple[int, list[dict]]:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out_dir = str(tmp_path_factory.mktemp(f"ulysses{world}"))
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned children
-    ctx = mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"world size {world}: children did not finish in {SPAWN_TIMEOUT_S} s")
-    per_rank = []
-    for r in range(world):
-        with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
-            per_rank.append(pickle.load(f))
-    return world, per_rank
+    return world, spawn_ranks(_worker, world, (world, free_port(), out_dir), out_dir, SPAWN_TIMEOUT_S)
 
 
 WITH_LOGITS = ("out", "dq", "dk", "dv", "dx")  # dx: the router-logit gradient

@@ -9,7 +9,7 @@ import torch
 import moga.gate as gate_mod
 from moga import _alloc, _ops
 from moga.gate import gated_unpermute
-from tests.utils import rel_err
+from tests.utils import rel_err, run_python
 
 HAS_COMPILED = _ops.ops_available("cpu", "gated_unpermute") and _ops.ops_available("cpu", "gated_unpermute_bwd")
 IMPLS = ["torch", pytest.param("compiled", marks=pytest.mark.skipif(not HAS_COMPILED, reason="moga._C not built"))]
@@ -130,13 +130,7 @@ def test_autocast_does_not_lower_the_product_precision(impl):
 
 @pytest.mark.parametrize("value, expect", [("torch", "torch"), ("", "auto"), ("bogus", "ValueError")])
 def test_gate_impl_from_environment(value, expect):
-    import os
-    import subprocess
-    import sys
-
-    code = "import moga.gate as g; print(g._AUTO)"
-    env = {**os.environ, "MOGA_GATE_IMPL": value}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python("import moga.gate as g; print(g._AUTO)", MOGA_GATE_IMPL=value)
     if expect == "ValueError":
         assert proc.returncode != 0 and "MOGA_GATE_IMPL must be one of" in proc.stderr
     else:

@@ -1,8 +1,19 @@
-"""Shared test helpers: relative error against float64 references, backends to test, random inputs."""
+"""Shared test helpers: relative error against float64 references, backends to test, random inputs, spawning
+gloo ranks and subprocesses."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import moga
@@ -44,3 +55,34 @@ def as_double_leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full attention of (B, N, H, D) tensors through PyTorch's SDPA (Hq == Hkv), detached: (B, N, H, D)."""
     return F.scaled_dot_product_attention(*(t.detach().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker: Callable, world: int, args: tuple, out_dir: str, timeout_s: float) -> list:
+    """Run ``worker(rank, *args)`` in ``world`` spawned processes (OMP_NUM_THREADS=1) and return what each rank
+    pickled to ``out_dir/rank<r>.pkl``. Fails the test when a child does not finish within ``timeout_s``."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned children
+    ctx = mp.spawn(worker, args=args, nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} spawned ranks did not finish in {timeout_s} s")
+    per_rank = []
+    for r in range(world):
+        with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
+            per_rank.append(pickle.load(f))
+    return per_rank
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter with ``env`` added to the environment (import-time settings)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
