@@ -8,6 +8,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
+#include "device_utils.h"
 #include "moga_cuda.h"
 
 namespace moga_cuda {
@@ -16,31 +19,23 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
 
-template <typename Acc>
-__device__ __forceinline__ Acc to_acc(__half x) { return static_cast<Acc>(__half2float(x)); }
-template <typename Acc>
-__device__ __forceinline__ Acc to_acc(__nv_bfloat16 x) { return static_cast<Acc>(__bfloat162float(x)); }
-template <typename Acc>
-__device__ __forceinline__ Acc to_acc(float x) { return static_cast<Acc>(x); }
-template <typename Acc>
-__device__ __forceinline__ Acc to_acc(double x) { return static_cast<Acc>(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(float x);
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-__device__ __forceinline__ double from_acc_double(double x) { return x; }
+// Rows in T, arithmetic in Acc: float and double rows are their own accumulation type; 16-bit rows convert through
+// float with device_utils.h's to_float / from_float (round to nearest even).
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc to_acc(T x) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return static_cast<Acc>(x);
+  } else {
+    return static_cast<Acc>(to_float(x));
+  }
+}
 
 template <typename T, typename Acc>
 __device__ __forceinline__ T store_value(Acc x) {
-  if constexpr (sizeof(Acc) == 8) {
-    return from_acc_double(x);
+  if constexpr (std::is_same_v<T, Acc>) {
+    return x;
   } else {
-    return from_acc<T>(x);
+    return from_float<T>(static_cast<float>(x));
   }
 }
 
