@@ -55,6 +55,17 @@ def resolve_window(window: WindowArg, grid: Grid) -> Grid:
     return check_window(window)
 
 
+def check_layer_settings(num_groups: int, top_k: int, window: WindowArg, context_frames: int) -> WindowArg:
+    """Validate the settings a MoGA layer shares with :func:`moga.integrations.diffusers.apply_moga`; returns the
+    window normalised (a :class:`WindowSplit` as given, a fixed window checked into a tuple, or None)."""
+    check_num_groups(num_groups, allow_none=False)
+    check_top_k(top_k, num_groups)
+    if window is not None and not isinstance(window, WindowSplit):
+        window = check_window(window)
+    check_context_frames(context_frames)
+    return window
+
+
 @dataclass(frozen=True)
 class MoGAConfig:
     """The paper's MoGA settings for one model family (see :func:`paper_config`).
@@ -229,11 +240,7 @@ class MoGAAttention(nn.Module):
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
-        check_num_groups(num_groups, allow_none=False)
-        check_top_k(top_k, num_groups)
-        if window is not None and not isinstance(window, WindowSplit):
-            window = check_window(window)
-        check_context_frames(context_frames)
+        window = check_layer_settings(num_groups, top_k, window, context_frames)
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.num_groups, self.top_k = num_groups, top_k

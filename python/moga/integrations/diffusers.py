@@ -27,11 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from moga._checks import check_num_groups, check_top_k
 from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
-from moga.modules import WindowArg, WindowSplit, apply_rotary_interleaved, moga_layer_attention
+from moga.modules import WindowArg, apply_rotary_interleaved, check_layer_settings, moga_layer_attention
 from moga.router import MoGARouter, group_balance_loss, route_tokens
-from moga.window import check_context_frames, check_window
 
 SHOT_STARTS_KEY = "shot_starts"
 
@@ -207,11 +205,7 @@ def apply_moga(
     """
     if not hasattr(transformer, "blocks") or not hasattr(getattr(transformer, "config", None), "patch_size"):
         raise TypeError(f"transformer must be a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
-    check_num_groups(num_groups, allow_none=False)
-    check_top_k(top_k, num_groups)
-    if window is not None and not isinstance(window, WindowSplit):
-        window = check_window(window)
-    check_context_frames(context_frames)
+    window = check_layer_settings(num_groups, top_k, window, context_frames)
     n_blocks = len(transformer.blocks)
     chosen = list(range(n_blocks)) if blocks is None else sorted(set(blocks))
     for i in chosen:
