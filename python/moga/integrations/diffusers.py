@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
@@ -154,8 +155,6 @@ def _ulysses_group(parallel_config: Any) -> Any:
 def _with_local_grad(full: torch.Tensor, local: torch.Tensor, group: Any) -> torch.Tensor:
     """``full`` (B, N, M), the gathered logits, with this rank's slice replaced by ``local`` (B, N/P, M) and the
     rest detached: a loss on it has the full sequence's value and sends gradient to this rank's tokens only."""
-    import torch.distributed as dist
-
     n, rank = local.shape[1], dist.get_rank(group)
     rest = full.detach()
     return torch.cat([rest[:, : rank * n], local, rest[:, (rank + 1) * n :]], dim=1)
