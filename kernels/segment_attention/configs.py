@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+# The tables' head-dim keys: the tile widths D_PAD the kernels are compiled for. Any head dim D in
+# [MIN_HEAD_DIM, MAX_HEAD_DIM] runs in tiles of padded_head_dim(D) columns, the columns >= D masked off.
 HEAD_DIMS = (32, 64, 128, 256)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -102,14 +105,22 @@ def _dtype_kind(dtype: torch.dtype) -> str:
     raise TypeError(f"segment attention kernels support float16, bfloat16 and float32, got {dtype}")
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """D_PAD, the tile width for head dim ``head_dim``: the smallest of HEAD_DIMS >= head_dim (a power of two,
+    at least 32: tl.dot needs 16 and the tables start at 32, so D < 32 costs what D = 32 costs)."""
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+    return next(d for d in HEAD_DIMS if d >= head_dim)
+
+
 def production_config(kernel: str, head_dim: int, dtype: torch.dtype, hopper: bool = False) -> KernelConfig:
-    """The GPU configuration of ``kernel`` ("fwd", "dkdv", "dq" or "preprocess"); ``hopper``: for sm_90."""
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    """The GPU configuration of ``kernel`` ("fwd", "dkdv", "dq" or "preprocess") for any head dim in
+    [MIN_HEAD_DIM, MAX_HEAD_DIM], looked up by its tile width ``padded_head_dim(head_dim)``; ``hopper``: for sm_90."""
+    d_pad = padded_head_dim(head_dim)
     kind = _dtype_kind(dtype)
-    if hopper and (kernel, head_dim, kind) in HOPPER:
-        return HOPPER[(kernel, head_dim, kind)]
-    return TABLES[kernel][(head_dim, kind)]
+    if hopper and (kernel, d_pad, kind) in HOPPER:
+        return HOPPER[(kernel, d_pad, kind)]
+    return TABLES[kernel][(d_pad, kind)]
 
 
 def is_hopper(device: torch.device) -> bool:
