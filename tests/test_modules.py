@@ -208,3 +208,38 @@ def test_bad_configurations_raise():
         layer(torch.randn(1, 12, 64), grid=(2, 2, 2))
     with pytest.raises(ValueError, match="x must have shape"):
         layer(torch.randn(12, 64))
+
+
+def test_misuse_raises_instead_of_being_ignored():
+    """A routed-only layer never reads grid or shot_starts, so a wrong one must fail loudly, not be dropped."""
+    layer = MoGAAttention(64, 4, num_groups=4)
+    x, mem = torch.randn(1, 12, 64), torch.randn(1, 12, 64)
+    with pytest.raises(TypeError, match="positional"):
+        layer(x, mem, mem)  # nn.MultiheadAttention-style cross-attention: there is no key/value input
+    with pytest.raises(TypeError, match="positional"):
+        layer(x, (2, 2, 3))  # grid is keyword-only
+    with pytest.raises(ValueError, match="holds 999 tokens but the sequence length is 12"):
+        layer(x, grid=(999, 1, 1))
+    with pytest.raises(TypeError, match="grid must be a sequence"):
+        layer(x, grid=mem)
+    with pytest.raises(TypeError, match="grid must be a sequence"):
+        layer(x, grid=torch.tensor([2, 2, 3]))
+    with pytest.raises(TypeError, match="shot_starts"):
+        layer(x, grid=(2, 2, 3), shot_starts=mem)
+    with pytest.raises(ValueError, match="pass grid"):
+        layer(x, shot_starts=[1])
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        layer(x, grid=(2, 2, 3), shot_starts=[5])
+    # Well-formed metadata on a routed-only layer is accepted and does not change the result.
+    torch.testing.assert_close(layer(x, grid=(2, 2, 3), shot_starts=[1]), layer(x), rtol=0, atol=0)
+
+
+def test_sequence_parallel_grid_describes_the_whole_sequence(monkeypatch):
+    """With a sequence-parallel group, grid is checked against N * P (x is one rank's shard)."""
+    monkeypatch.setattr(moga.distributed, "ulysses_moga_attention", lambda q, *a, **kw: torch.zeros_like(q))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    layer = MoGAAttention(64, 2, 4, sequence_parallel_group=object())
+    x = torch.randn(1, 6, 64)
+    assert layer(x, grid=(2, 2, 3)).shape == (1, 6, 64)
+    with pytest.raises(ValueError, match="sequence length is 12"):
+        layer(x, grid=(1, 2, 3))

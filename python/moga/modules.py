@@ -20,7 +20,7 @@ from torch import nn
 from moga._checks import check_num_groups, check_top_k
 from moga.functional import moga_attention
 from moga.router import MoGARouter, group_balance_loss
-from moga.window import Grid, check_context_frames, check_window, window_attention
+from moga.window import Grid, check_context_frames, check_grid, check_window, normalize_shot_starts, window_attention
 
 QK_NORM_EPS = 1e-6  # Wan 2.1's RMSNorm eps on the q/k projections
 
@@ -138,10 +138,12 @@ def moga_layer_attention(
 
     Args:
         q: (B, N, Hq, D); k, v: (B, N, Hkv, D); router_logits: (B, N, M).
-        grid: (T, H, W) with T * H * W == N; required when a static branch is on.
+        grid: (T, H, W) with T * H * W == N (the whole sequence's N with ``sequence_parallel_group``);
+            required when a static branch is on, checked whenever given.
         window: STGA window, fixed (wt, wh, ww) or a :class:`WindowSplit`; None disables STGA.
         frame_attention: add the per-frame branch (window (1, H, W), no context frames).
-        shot_starts, context_frames: see :func:`moga.window_attention` (context applies to STGA only).
+        shot_starts, context_frames: see :func:`moga.window_attention` (context applies to STGA only);
+            shot_starts needs grid and is checked against its T whenever given.
         sequence_parallel_group: a process group of P ranks: q, k, v and router_logits are this rank's
             contiguous shard (B, N/P, ...) and so is the result (DeepSpeed-Ulysses). Without static branches
             this is :func:`moga.distributed.ulysses_moga_attention`; with them, q, k, v are moved to head
@@ -153,6 +155,18 @@ def moga_layer_attention(
     static = window is not None or frame_attention
     if static and grid is None:
         raise ValueError("grid=(T, H, W) is required when window or frame_attention is set")
+    if grid is not None:
+        # Checked even when no static branch uses it: a grid that does not describe the sequence is a mistake.
+        num_tokens = q.shape[1]
+        if sequence_parallel_group is not None:
+            import torch.distributed as dist  # optional dependency, only with sequence parallelism
+
+            num_tokens *= dist.get_world_size(sequence_parallel_group)
+        grid = check_grid(grid, num_tokens)
+        if shot_starts is not None:
+            shot_starts = normalize_shot_starts(shot_starts, grid[0])
+    elif shot_starts is not None:
+        raise ValueError("shot_starts are frames of the latent grid: pass grid=(T, H, W) with them")
     if sequence_parallel_group is not None:
         # Imported lazily: torch.distributed is optional.
         from moga.distributed import gather_sequence, heads_to_sequence, qkv_to_heads, ulysses_moga_attention
@@ -175,7 +189,6 @@ def moga_layer_attention(
     out = moga_attention(q, k, v, router_logits, top_k=top_k, softmax_scale=softmax_scale, backend=backend)
     if not static:
         return out
-    grid = tuple(grid)
     branches = [out]
     if window is not None:
         branches.append(
@@ -212,7 +225,8 @@ class MoGAAttention(nn.Module):
         sequence_parallel_group: run with Ulysses sequence parallelism over this group: x is then this rank's
             contiguous shard (B, N/P, dim) while ``grid`` and ``shot_starts`` describe the whole sequence.
 
-    ``forward(x, grid=None, shot_starts=None, rotary_emb=None)``: x (B, N, dim) -> (B, N, dim). After each
+    ``forward(x, *, grid=None, shot_starts=None, rotary_emb=None)``: x (B, N, dim) -> (B, N, dim); a
+    self-attention layer, so a call with key/value tensors (``layer(x, mem, mem)``) is a TypeError. After each
     call ``last_balance_loss`` holds the group balance loss (paper form, without alpha) of its routing (with
     sequence parallelism: of this rank's tokens).
     """
@@ -259,12 +273,19 @@ class MoGAAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        *,
         grid: Sequence[int] | None = None,
         shot_starts: Sequence[int] | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x (B, N, dim) -> (B, N, dim). grid (T, H, W) is needed by the static branches; rotary_emb is
-        (cos, sin) broadcastable to (B, N, heads, head_dim), applied as :func:`apply_rotary_interleaved`."""
+        """x (B, N, dim) -> (B, N, dim): self-attention over x only (there is no key/value input, unlike
+        ``nn.MultiheadAttention``), so everything after x is keyword-only.
+
+        grid: (T, H, W) with T * H * W == N (the whole sequence's N with sequence parallelism); required by
+        the static branches and checked whenever given. shot_starts: latent frames where shots begin (see
+        :func:`moga.window_attention`); needs grid. rotary_emb: (cos, sin) broadcastable to
+        (B, N, heads, head_dim), applied as :func:`apply_rotary_interleaved`.
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seqlen, {self.dim}), got {tuple(x.shape)}")
         B, N, _ = x.shape
