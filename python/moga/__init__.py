@@ -9,6 +9,7 @@ Functional API (layout ``(batch, seqlen, heads, headdim)`` as in flash-attention
 
 from moga.backends import available_backends
 from moga.functional import group_attention, moga_attention
+from moga.kmeans import kmeans
 from moga.modules import MoGAAttention, MoGAConfig, WindowSplit, paper_config
 from moga.router import MoGARouter, group_balance_loss, route_tokens
 from moga.window import window_attention
@@ -20,6 +21,7 @@ __all__ = [
     "available_backends",
     "group_attention",
     "group_balance_loss",
+    "kmeans",
     "moga_attention",
     "route_tokens",
     "window_attention",
