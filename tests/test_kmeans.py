@@ -177,3 +177,45 @@ def test_cuda_no_sync_and_deterministic():
     labels, centroids = a
     ref = torch.cdist(x.permute(0, 2, 1, 3).double(), centroids.permute(0, 2, 1, 3).double()).argmin(-1)
     assert (labels.permute(0, 2, 1) == ref).float().mean() > 0.999  # float32 vs float64 near-ties aside
+
+
+@pytest.mark.parametrize("shape,M", [((4, 700, 48), 5), ((2, 3, 300, 32), 12), ((900, 16), 20)])
+def test_router_from_kmeans_argmax_equals_labels(shape, M):
+    x = torch.randn(shape)
+    x[..., :4] += 3 * torch.randint(0, 3, (*shape[:-1], 1))  # some structure, not only noise
+    router = moga.MoGARouter.from_kmeans(x, M, seed=5)
+    labels, centroids = moga.kmeans(x.reshape(1, -1, shape[-1]), M, seed=5)
+    with torch.no_grad():
+        logits = router(x)
+    assert logits.shape == (*shape[:-1], M)
+    assert torch.equal(logits.argmax(-1).reshape(1, -1), labels)
+    # auto temperature: the median best-minus-second logit gap is 2, up to the power-of-two rounding
+    top2 = logits.topk(2, dim=-1).values
+    gap = float((top2[..., 0] - top2[..., 1]).median())
+    assert 2 / 2**0.5 - 1e-4 <= gap <= 2 * 2**0.5 + 1e-4, gap
+    # logits are the scaled scores x.c - |c|^2 / 2 of the nearest-centroid rule
+    c = centroids[0]
+    scores = x.reshape(-1, shape[-1]).double() @ c.double().t() - 0.5 * c.double().square().sum(-1)
+    ratio = logits.reshape(-1, M).double() / scores
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.median())), rtol=1e-3, atol=1e-3)
+
+
+def test_router_from_kmeans_explicit_temperature_and_training():
+    x = torch.randn(2, 200, 16)
+    r1 = moga.MoGARouter.from_kmeans(x, 4, temperature=1.0)
+    r4 = moga.MoGARouter.from_kmeans(x, 4, temperature=4.0)
+    assert r1.proj.bias is not None
+    torch.testing.assert_close(r4(x), r1(x) / 4)
+    # a warm start, trainable like any router: moga_attention's gate reaches its weights
+    q = k = v = torch.randn(2, 200, 2, 8)
+    moga.moga_attention(q, k, v, r4(x), backend="torch").square().sum().backward()
+    assert r4.proj.weight.grad is not None and r4.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "args,kwargs",
+    [((torch.randn(16), 2), {}), ((torch.randn(3, 4), 4), {}), ((torch.randn(10, 4), 2), {"temperature": 0.0})],
+)
+def test_router_from_kmeans_bad_input(args, kwargs):
+    with pytest.raises(ValueError):
+        moga.MoGARouter.from_kmeans(*args, **kwargs)

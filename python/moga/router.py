@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -30,6 +32,72 @@ class MoGARouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_groups={self.num_groups}, bias={self.proj.bias is not None}"
+
+    @classmethod
+    def from_kmeans(
+        cls,
+        x: torch.Tensor,
+        num_groups: int,
+        *,
+        temperature: float | None = None,
+        iters: int = 20,
+        seed: int = 0,
+        init: str = "kmeans++",
+    ) -> MoGARouter:
+        """A router initialised from k-means on calibration hidden states: a warm start for the paper's training.
+
+        With centroids c_1..c_M of :func:`moga.kmeans` on the tokens of ``x``, the router (with bias) computes
+        ``logits_m = (x.c_m - |c_m|^2 / 2) / temperature``, whose argmax is the nearest centroid: before any
+        training its top-1 groups are the k-means clusters of the calibration tokens (equal to the labels
+        :func:`moga.kmeans` returns for the same arguments). Training then proceeds as for a freshly
+        initialised router (the gate and the balance loss).
+
+        Args:
+            x: (..., dim) calibration hidden states (e.g. a few batches of a layer's inputs); all leading dims
+                are flattened into one set of tokens, at least ``num_groups`` of them.
+            num_groups: M.
+            temperature: divides the logits so that the initial gates p = softmax(logits) are not flat. None
+                picks one from the data: the median gap between each token's best and second-best logit,
+                halved, rounded to a power of two (a median top-1 / top-2 probability ratio of about e^2). A
+                power of two keeps the argmax bitwise equal to the k-means labels; other values can flip exact
+                near-ties through rounding.
+            iters, seed, init: passed to :func:`moga.kmeans`.
+
+        Returns: a ``MoGARouter(dim, num_groups, bias=True)`` on x's device, float32 parameters (float64 for
+        float64 x).
+        """
+        from moga.kmeans import kmeans
+
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError("x must be a tensor of shape (..., dim) with at least one leading dim")
+        tokens = x.detach().reshape(1, -1, x.shape[-1])
+        _, centroids = kmeans(tokens, num_groups, iters=iters, seed=seed, init=init)
+        c = centroids[0]  # (M, dim)
+        half_sq = 0.5 * c.square().sum(-1)
+        if temperature is None:
+            temperature = _auto_temperature(tokens[0].to(c.dtype), c, half_sq)
+        elif not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        router = cls(x.shape[-1], num_groups, bias=True).to(device=x.device, dtype=c.dtype)
+        with torch.no_grad():
+            router.proj.weight.copy_(c / temperature)
+            router.proj.bias.copy_(-half_sq / temperature)
+        return router
+
+
+def _auto_temperature(tokens: torch.Tensor, c: torch.Tensor, half_sq: torch.Tensor) -> float:
+    """Half the median best-minus-second logit gap of the tokens, rounded to a power of two (1.0 when M = 1 or
+    the gaps vanish). One host read of the median."""
+    if c.shape[0] < 2:
+        return 1.0
+    gaps = []
+    for a in range(0, tokens.shape[0], 1 << 16):
+        top2 = torch.addmm(-half_sq, tokens[a : a + (1 << 16)], c.t()).topk(2, dim=-1).values
+        gaps.append(top2[:, 0] - top2[:, 1])
+    gap = float(torch.cat(gaps).median())
+    if not gap > 0 or gap == float("inf"):
+        return 1.0
+    return float(2.0 ** round(math.log2(gap / 2)))
 
 
 def _check_logits(router_logits: torch.Tensor) -> None:
