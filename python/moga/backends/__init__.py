@@ -9,8 +9,11 @@ A backend is a module ``moga.backends.<name>_backend`` with:
   primitive (see :mod:`moga.layout`): q (T, Hq, D), k and v (T, Hkv, D) ->
   out (Lq, Hq, D) in segment order, zero rows for positions outside every segment.
 
-``"auto"`` picks the first runnable of ``AUTO_ORDER[device type]``. An explicitly named backend that cannot
-run the inputs raises; there is no silent fallback.
+``"auto"`` picks the first runnable of ``AUTO_ORDER[device type]``; for CUDA inputs the measured order of the
+committed table :mod:`moga.backends.auto_table` (per compute capability, dtype, head dim and segment-size regime)
+comes first where it has an entry. Until a GPU run is committed the table is empty and the default order is
+``varlen`` (PyTorch's own varlen kernel), ``triton``, ``torch``; the hand-written ``cuda`` backend is opt-in (by
+name). An explicitly named backend that cannot run the inputs raises; there is no silent fallback.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ from types import ModuleType
 
 import torch
 
-BACKEND_NAMES = ("cuda", "triton", "cpu", "torch", "flash_attn", "xformers")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+from moga.backends import auto_table
+from moga.layout import SegmentLayout
+
+BACKEND_NAMES = ("varlen", "cuda", "triton", "cpu", "torch", "flash_attn", "xformers")
+AUTO_ORDER = {"cuda": ("varlen", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 _MODULES = {
+    "varlen": "moga.backends.varlen_backend",
     "cuda": "moga.backends.cuda_backend",
     "triton": "moga.backends.triton_backend",
     "cpu": "moga.backends.cpu_backend",
@@ -61,13 +68,35 @@ def available_backends() -> list[str]:
     return names
 
 
-def select_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> ModuleType:
-    """Resolve ``backend`` ("auto" or a name) for these inputs, or raise ValueError saying why not."""
+def auto_order(q: torch.Tensor, layout: SegmentLayout | None = None) -> tuple[str, ...]:
+    """The order ``"auto"`` tries for these flattened (T, H, D) inputs: the committed table's measured order for
+    CUDA inputs where it has an entry (then the rest of the default order), else ``AUTO_ORDER[device type]``.
+
+    ``layout`` gives the segment-size regime (mean query positions per segment, host-known); without it the
+    inputs count as one segment.
+    """
+    default = AUTO_ORDER.get(q.device.type, ("torch",))
+    mean = None
+    if layout is not None:
+        mean = layout.q_index.numel() / max(layout.num_segments, 1)
+    measured = auto_table.lookup(q, mean)
+    if measured is None:
+        return default
+    return tuple(dict.fromkeys([n for n in measured if n in _MODULES] + list(default)))
+
+
+def select_backend(
+    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout | None = None
+) -> ModuleType:
+    """Resolve ``backend`` ("auto" or a name) for these inputs, or raise ValueError saying why not.
+
+    ``layout`` (optional) lets ``"auto"`` look up the measured order for its segment-size regime.
+    """
     if not isinstance(backend, str) or (backend != "auto" and backend not in _MODULES):
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
     if backend == "auto":
         reasons = []
-        for name in AUTO_ORDER.get(q.device.type, ("torch",)):
+        for name in auto_order(q, layout):
             mod = get_backend(name)
             if mod is None or not mod.is_available():
                 continue
@@ -78,7 +107,11 @@ def select_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"no backend can run these inputs: {'; '.join(reasons) or 'none available'}")
     mod = get_backend(backend)
     if mod is None or not mod.is_available():
-        raise ValueError(f"backend {backend!r} is not available in this installation ({available_backends()=})")
+        why = mod.unsupported_reason(q, k, v) if mod is not None else None
+        raise ValueError(
+            f"backend {backend!r} is not available in this installation{f' ({why})' if why else ''} "
+            f"({available_backends()=})"
+        )
     reason = mod.unsupported_reason(q, k, v)
     if reason is not None:
         raise ValueError(f"backend {backend!r} cannot run these inputs: {reason}")

@@ -1,0 +1,264 @@
+"""Varlen backend: the paper's kernel-free recipe on PyTorch's own varlen kernel.
+
+Gathers q, k and v into segment order (one ``index_select`` per tensor, int64 indices), calls
+``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA only; it dispatches to cuDNN on sm_90/sm_100 with
+cuDNN >= 9.18 for 16-bit inputs with equal q/k head counts, D % 8 == 0 and max_q > 128, else to FlashAttention-2)
+with cu_seqlens built from the layout's offsets, and returns the output in segment order (the caller
+un-permutes, e.g. the fused gated un-permute of :func:`moga.moga_attention`). Gradients flow through varlen_attn's
+own backward and through the gathers (whose backward scatters into token rows).
+
+Shapes: q (T, Hq, D), k/v (T, Hkv, D) -> out (Lq, Hq, D) with Lq = layout.q_index.numel(). Positions past the last
+segment ("tail" positions, e.g. routing entries of padding tokens) get zero rows and no gradient; so do the queries
+of a segment without keys.
+
+No host synchronisation. varlen_attn needs host integers ``max_q``/``max_k`` (the longest query/key segment);
+the exact values would need a device-to-host copy, so the backend passes host-known bounds: Lq and Lk, the total
+number of query/key positions. A bound larger than the real maximum is correct (FlashAttention sizes its grid
+as ceil(max_q / 128) x (segments + 1) x heads, and programs past a segment's end exit at once) but costs empty
+programs: about (S + 1) * Lq / 128 * Hq of them, negligible for a few long segments (routed groups) and
+noticeable for thousands of short ones (window layouts). Callers that know a tighter bound pass it with
+:func:`seqlen_bounds`; it is checked on the device (``torch._assert_async``), never read back. A constant bound
+also keeps cuDNN's graph cache (keyed on max_q/max_k) warm across steps.
+
+Heads: where the installed varlen_attn has ``enable_gqa`` (torch >= 2.12) GQA runs natively; otherwise the gather
+expands each kv head to its Hq / Hkv query heads (one gather of an expanded view, no extra pass). Head dims up
+to 256; a head dim that is not a multiple of 8 is zero-padded (scores unchanged, the padded output columns are
+dropped; the softmax scale is that of the real D). Where varlen_attn has no ``scale`` argument (torch 2.10) the
+scale is folded into q.
+
+Memory: the gathered copies of q, k and v (3 x L x H x D elements beyond the inputs, L ~ T * top_k; with
+expanded GQA heads k and v count Hq heads) live until backward; the output and its log-sum-exp as usual.
+
+Deterministic mode (``deterministic=True`` or ``torch.use_deterministic_algorithms(True)``): refused, and
+``backend="auto"`` skips this backend. FlashAttention-2's backward accumulates dq with floating-point atomics
+unless torch's global flag is set, cuDNN's backward is not deterministic at all, and with repeated tokens
+(top_k > 1, context frames) the gathers' gradient scatter is an atomic index_add on CUDA.
+
+Testing without a GPU: :data:`varlen_attn_override` replaces varlen_attn by any callable with its signature
+(tests pass a per-segment float64 SDPA stand-in); while it is set, CPU tensors are accepted too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from moga._determinism import deterministic_enabled
+from moga.layout import SegmentLayout
+
+# Injection point: a callable with varlen_attn's signature
+# ``(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=..., enable_gqa=...)`` used instead of torch's
+# varlen_attn when not None (tests substitute a CPU stand-in). ``scale`` and ``enable_gqa`` are optional: they are
+# passed only when the callable's signature has them, as with torch's own versions.
+varlen_attn_override: Callable[..., torch.Tensor] | None = None
+
+DTYPES = (torch.float16, torch.bfloat16)  # what FlashAttention-2 and cuDNN take
+MAX_HEAD_DIM = 256
+INT32_MAX = 2**31 - 1  # cu_seqlens are int32
+# FlashAttention-2 puts the sequence index on gridDim.y (and the head on gridDim.z): at most 65535 each.
+MAX_SEQUENCES = 65535
+
+_bounds = threading.local()
+
+
+def _torch_varlen_attn() -> Callable[..., torch.Tensor] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _impl() -> Callable[..., torch.Tensor] | None:
+    return varlen_attn_override if varlen_attn_override is not None else _torch_varlen_attn()
+
+
+@functools.lru_cache(maxsize=16)
+def _keywords(fn: Callable[..., torch.Tensor]) -> frozenset[str]:
+    """Names of the parameters of ``fn`` (to pass ``scale``/``enable_gqa`` only where they exist)."""
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def is_available() -> bool:
+    """torch has ``varlen_attn`` and CUDA is available (or a stand-in is installed in :data:`varlen_attn_override`)."""
+    if varlen_attn_override is not None:
+        return True
+    return _torch_varlen_attn() is not None and torch.cuda.is_available()
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why these flattened (T, H, D) inputs cannot run here, from host metadata only; None if they can."""
+    if _impl() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.device.type != "cuda" and varlen_attn_override is None:
+            return f"varlen_attn is CUDA-only; {name} is on {t.device}"
+        if t.device != q.device:
+            return f"{name} on {t.device}, q on {q.device}: all on one device"
+        if t.dtype not in DTYPES:
+            return f"{name} has dtype {t.dtype}; varlen_attn takes float16 and bfloat16"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if q.dim() == 3 and q.shape[1] > MAX_SEQUENCES:
+        return f"{q.shape[1]} query heads exceed FlashAttention's grid limit of {MAX_SEQUENCES}"
+    if deterministic_enabled():
+        return (
+            "deterministic mode: varlen_attn's backward accumulates with floating-point atomics (FlashAttention-2 "
+            "dq unless torch.use_deterministic_algorithms(True); cuDNN always) and so does the gathers' gradient "
+            "scatter for repeated tokens; use backend='triton'"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def seqlen_bounds(max_q: int | None = None, max_k: int | None = None) -> Iterator[None]:
+    """Within this context (on this thread) the varlen backend passes ``max_q``/``max_k`` to varlen_attn instead
+    of the default bounds (the total number of query/key positions).
+
+    Give bounds the caller knows on the host, e.g. the window volume of a window layout, or a routing capacity.
+    Each must be >= the longest query (key) segment; that is checked on the device without a synchronisation
+    (a violated bound fails the next CUDA call with a device-side assertion). None keeps the default.
+    """
+    for name, value in (("max_q", max_q), ("max_k", max_k)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"seqlen_bounds: {name} must be a positive int or None, got {value!r}")
+    previous = getattr(_bounds, "value", (None, None))
+    _bounds.value = (max_q, max_k)
+    try:
+        yield
+    finally:
+        _bounds.value = previous
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout) -> SegmentLayout:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (tokens, heads, headdim), got {tuple(t.shape)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)}, {tuple(v.shape)} do not fit q shape {tuple(q.shape)} "
+            "(same tokens and head dim, q heads a multiple of kv heads)"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    reason = unsupported_reason(q, k, v)
+    if reason is not None:
+        raise ValueError(f"varlen backend cannot run these inputs: {reason}")
+    if layout.num_tokens != q.shape[0]:
+        raise ValueError(f"layout.num_tokens={layout.num_tokens} but q has {q.shape[0]} token rows")
+    for name in ("q_index", "q_offsets", "k_index", "k_offsets"):
+        t = getattr(layout, name)
+        if t.dtype != torch.int64 or t.device != q.device or t.dim() != 1:
+            raise ValueError(f"layout.{name} must be a 1-D int64 tensor on {q.device}, got {t.dtype} on {t.device}")
+    if layout.k_offsets.numel() != layout.q_offsets.numel():
+        raise ValueError("layout.q_offsets and layout.k_offsets must have the same length (S + 1)")
+    Lq, Lk = layout.q_index.numel(), layout.k_index.numel()
+    if max(Lq, Lk) > INT32_MAX:
+        raise ValueError(
+            f"varlen backend: {Lq} query / {Lk} key positions exceed varlen_attn's int32 cu_seqlens "
+            f"(at most {INT32_MAX}); use backend='triton'"
+        )
+    if layout.num_segments + 1 > MAX_SEQUENCES:
+        raise ValueError(
+            f"varlen backend: {layout.num_segments} segments (+1 for the tail) exceed FlashAttention's grid limit "
+            f"of {MAX_SEQUENCES} sequences per call; use backend='triton'"
+        )
+    return layout
+
+
+def _cu_seqlens(offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """(S + 1,) int64 offsets -> (S + 2,) int32: the segments, then one "tail" sequence up to ``total``.
+
+    The tail sequence puts every row of the gathered tensors inside some sequence, so the kernel writes every
+    output row and every gradient row (FlashAttention leaves rows past cu_seqlens[-1] unwritten); its outputs are
+    masked to zero and so receive zero gradients.
+    """
+    end = torch.full((1,), total, dtype=offsets.dtype, device=offsets.device)
+    return torch.cat([offsets, end]).to(torch.int32)
+
+
+def _bound(default: int, override: int | None, offsets: torch.Tensor, name: str) -> int:
+    if override is None:
+        return max(default, 1)
+    if offsets.numel() > 1:
+        longest = torch.diff(offsets).max()
+        torch._assert_async(longest <= override, f"moga varlen backend: a segment is longer than {name}={override}")
+    return override
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, heads: int) -> torch.Tensor:
+    """x (T, H, D) -> (L, heads, D) rows ``x[index]``, each kv head repeated heads // H times (GQA expansion)."""
+    T, H, D = x.shape
+    if heads == H:
+        return x.index_select(0, index)
+    g = heads // H
+    return x.unsqueeze(2).expand(T, H, g, D).index_select(0, index).reshape(index.numel(), heads, D)
+
+
+def segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout, softmax_scale: float
+) -> torch.Tensor:
+    """q (T, Hq, D), k/v (T, Hkv, D) -> (Lq, Hq, D) in segment order; rows outside segments are zero."""
+    layout = _check_inputs(q, k, v, layout)
+    fn = _impl()
+    assert fn is not None  # _check_inputs refused otherwise
+    keywords = _keywords(fn)
+    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    Lq, Lk = layout.q_index.numel(), layout.k_index.numel()
+    if Lq == 0 or Lk == 0:  # nothing to attend: every row is zero (host-known sizes)
+        return q.new_zeros(Lq, Hq, D)
+    q_index, k_index = layout.q_index.contiguous(), layout.k_index.contiguous()
+
+    native_gqa = "enable_gqa" in keywords and Hq != Hkv
+    qs = _gather(q, q_index, Hq)
+    ks = _gather(k, k_index, Hkv if native_gqa else Hq)
+    vs = _gather(v, k_index, Hkv if native_gqa else Hq)
+    Dk = -(-D // 8) * 8  # FlashAttention and cuDNN take head dims that are multiples of 8
+    if Dk != D:
+        qs, ks, vs = (F.pad(t, (0, Dk - D)) for t in (qs, ks, vs))
+
+    kwargs = {}
+    if "scale" in keywords:
+        kwargs["scale"] = softmax_scale
+    else:  # torch 2.10: the kernel's scale is Dk ** -0.5; fold the ratio into q
+        factor = softmax_scale * math.sqrt(Dk)
+        if factor != 1.0:
+            qs = qs * factor
+    if native_gqa:
+        kwargs["enable_gqa"] = True
+
+    override_q, override_k = getattr(_bounds, "value", (None, None))
+    max_q = _bound(Lq, override_q, layout.q_offsets, "max_q")
+    max_k = _bound(Lk, override_k, layout.k_offsets, "max_k")
+    cu_q = _cu_seqlens(layout.q_offsets, Lq)
+    cu_k = _cu_seqlens(layout.k_offsets, Lk)
+    if override_q is not None or override_k is not None:
+        # The tail sequence must fit the bounds too: give it no rows beyond the caller's bound.
+        tail_q = Lq - layout.q_offsets[-1]
+        tail_k = Lk - layout.k_offsets[-1]
+        torch._assert_async((tail_q <= max_q) & (tail_k <= max_k), "moga varlen backend: tail exceeds seqlen bounds")
+
+    out = fn(qs, ks, vs, cu_q, cu_k, max_q, max_k, **kwargs)  # (Lq, Hq, Dk)
+    if Dk != D:
+        out = out[..., :D]
+    # Zero the rows of the tail sequence and of segments without keys (sequence s has keys iff cu_k[s+1] > cu_k[s];
+    # the tail, index S, never counts).
+    has_keys = torch.diff(layout.k_offsets) > 0  # (S,)
+    has_keys = torch.cat([has_keys, has_keys.new_zeros(1)])  # (S + 1,)
+    positions = torch.arange(Lq, device=q.device, dtype=torch.int64)
+    seq = torch.searchsorted(layout.q_offsets, positions, right=True) - 1  # (Lq,) in [0, S]
+    keep = has_keys[seq]
+    return torch.where(keep[:, None, None], out, out.new_zeros(()))
+
+
+__all__ = ["is_available", "segment_attention", "seqlen_bounds", "unsupported_reason", "varlen_attn_override"]
