@@ -61,8 +61,8 @@ def _segment_outputs(
     """
     B, N, Hq, D = q.shape
     qf, kf, vf = q.reshape(B * N, Hq, D), k.reshape(B * N, k.shape[2], D), v.reshape(B * N, v.shape[2], D)
-    impl = select_backend(backend, qf, kf, vf)
-    with deterministic_mode(deterministic):
+    with deterministic_mode(deterministic):  # selection sees the mode too: "auto" skips backends that refuse it
+        impl = select_backend(backend, qf, kf, vf, routed.segments)
         out_seg = impl.segment_attention(qf, kf, vf, routed.segments, scale)
     if not out_seg.requires_grad and torch.is_grad_enabled():
         # With nothing to attend (N = 0, B = 0, all padding) a backend may return zeros built without reading
