@@ -8,6 +8,7 @@ Functional API (layout ``(batch, seqlen, heads, headdim)`` as in flash-attention
 """
 
 from moga.backends import available_backends
+from moga.cluster import cluster_attention
 from moga.functional import group_attention, moga_attention
 from moga.kmeans import kmeans
 from moga.modules import MoGAAttention, MoGAConfig, WindowSplit, paper_config
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MoGARouter",
     "available_backends",
+    "cluster_attention",
     "group_attention",
     "group_balance_loss",
     "kmeans",
