@@ -3,6 +3,8 @@
 * :func:`dense_sdpa`: dense ``scaled_dot_product_attention`` over all N tokens (every speedup is against it);
 * :func:`sorted_recipe`: the paper's "kernel-free" recipe in pure torch (argsort by group, gather, one SDPA
   call per group, scatter back);
+* :func:`varlen_recipe`: the same recipe at full strength, as the paper states it (argsort by group, gather, one
+  ``torch.nn.attention.varlen.varlen_attn`` call over all groups, scatter back); CUDA only;
 * :func:`flex_group_attention`: FlexAttention with a mask_mod comparing group ids. Tokens are sorted by group
   first (the permutation is timed too) so the block mask is block-diagonal and FlexAttention can skip the
   empty blocks; on randomly placed tokens every block would be partially filled and no block could be skipped.
@@ -42,6 +44,48 @@ def sorted_recipe(
         if q_g.shape[1] > 0:
             pieces.append(F.scaled_dot_product_attention(q_g, k_g, v_g))
     out_sorted = torch.cat(pieces, dim=1).transpose(0, 1)  # [N, H, D]
+    out = torch.empty_like(out_sorted)
+    out[order] = out_sorted
+    return out.unsqueeze(0)
+
+
+def varlen_recipe_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when :func:`varlen_recipe` can run on this device and dtype, else why not."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)"
+    if device.type != "cuda":
+        return f"varlen_attn is CUDA-only, device is {device.type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"varlen_attn takes float16/bfloat16, got {dtype}"
+    return None
+
+
+def varlen_recipe(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_ids: torch.Tensor, num_groups: int
+) -> torch.Tensor:
+    """The paper's kernel-free recipe in plain torch: q/k/v (1, N, H, D), group_ids (1, N) in [0, num_groups).
+
+    One stable argsort of the ids, one gather per tensor into group order, one varlen_attn call with
+    cu_seqlens = the cumulative group sizes, one scatter back to token order. Reads the largest group back to the
+    host (one synchronisation), as the recipe does, so varlen_attn's grid is sized exactly. k/v heads are
+    repeated to q's head count (varlen_attn's enable_gqa is torch >= 2.12 only).
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    if q.shape[0] != 1:
+        raise ValueError(f"varlen_recipe takes batch 1, got q of shape {tuple(q.shape)}")
+    ids = group_ids[0]
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=num_groups)
+    cu = torch.zeros(num_groups + 1, dtype=torch.int32, device=q.device)
+    torch.cumsum(counts, 0, out=cu[1:])
+    max_len = int(counts.max())  # host sync
+    rep = q.shape[2] // k.shape[2]
+    qs = q[0, order]
+    ks, vs = (t[0, order].repeat_interleave(rep, 1) if rep > 1 else t[0, order] for t in (k, v))
+    out_sorted = varlen_attn(qs, ks, vs, cu, cu, max_len, max_len)  # (N, H, D), group order
     out = torch.empty_like(out_sorted)
     out[order] = out_sorted
     return out.unsqueeze(0)

@@ -15,10 +15,17 @@ import torch
 
 import moga
 from moga.backends import BACKEND_NAMES, get_backend
-from moga.bench.baselines import dense_sdpa, flex_available, make_flex_group_attention, sorted_recipe
+from moga.bench.baselines import (
+    dense_sdpa,
+    flex_available,
+    make_flex_group_attention,
+    sorted_recipe,
+    varlen_recipe,
+    varlen_recipe_reason,
+)
 from moga.bench.cases import BenchCase, CaseInputs
 
-MOGA_KERNEL_BACKENDS = ("cuda", "triton", "cpu", "torch")
+MOGA_KERNEL_BACKENDS = ("varlen", "cuda", "triton", "cpu", "torch")
 RECIPE_BACKENDS = ("flash_attn", "xformers")  # the paper's recipe through a varlen library kernel
 
 
@@ -55,9 +62,9 @@ def _moga_attention_builder(x: CaseInputs):
     return lambda q, k, v: moga.moga_attention(q, k, v, logits)
 
 
-def _recipe_builder(m: int):
+def _recipe_builder(m: int, recipe=sorted_recipe):
     def build(x: CaseInputs):
-        return lambda q, k, v: sorted_recipe(q, k, v, x.group_ids, m)
+        return lambda q, k, v: recipe(q, k, v, x.group_ids, m)
 
     return build
 
@@ -75,6 +82,8 @@ def methods_for(case: BenchCase, device: torch.device, quick: bool) -> list[Meth
         out.append(Method(f"group_attention[{name}]", "moga", False, _group_attention_builder(name, m), reason))
     out.append(Method("moga_attention[auto]", "moga", False, _moga_attention_builder))
     out.append(Method("recipe[sdpa]", "baseline", False, _recipe_builder(m)))
+    reason = varlen_recipe_reason(device, case.torch_dtype)
+    out.append(Method("recipe[varlen]", "baseline", False, _recipe_builder(m, varlen_recipe), reason))
     for name in RECIPE_BACKENDS:
         reason = _backend_reason(name, probe)
         out.append(Method(f"recipe[{name}]", "baseline", False, _group_attention_builder(name, m), reason))
