@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Second call for a lent GPU (after bench/gpu_check.sh): the CUDA kernels of moga._C under compute-sanitizer.
+# Optional second call for a lent GPU (after bench/gpu_check.sh, whose own memcheck step covers only two small tests):
+# the CUDA kernels of moga._C under compute-sanitizer, ~300 s, so that it fits after gpu_check.sh (~420 s) and the
+# machine's start in a session's 15 device-minutes.
 #
 #   GPU_CHECK_SKIP_BUILD=1 bash bench/gpu_sanitize.sh    # repo root, on the warm GPU machine that ran gpu_check.sh
 #
 # memcheck (out-of-bounds and misaligned accesses) and racecheck (shared-memory hazards) over the small CUDA tests:
 # direct op calls on ragged / empty / singleton / repeated-token layouts, misaligned inputs, the sort and the gated
 # un-permute. Sanitized runs are 10-100x slower, so only small shapes; each tool runs under `timeout` within
-# SANITIZE_SECONDS (default 540). Logs and a summary land in $OUT (default bench/results/gpu_sanitize_<date>).
+# SANITIZE_SECONDS (default 300: memcheck 160 s, racecheck the rest). Logs and a summary land in $OUT (default
+# bench/results/gpu_sanitize_<date>). PyTorch's caching allocator is off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so that
+# memcheck sees each buffer's own bounds; pytest runs with -v, so a run cut short still names the tests it reached.
 # compute-sanitizer works on the Firecracker GPU machines, not on gVisor ones ("Device not supported"): the summary
-# then says so instead of failing. Without GPU_CHECK_SKIP_BUILD=1 the extension is built first (as gpu_check.sh does).
+# then says so instead of failing. Without GPU_CHECK_SKIP_BUILD=1 the extension is built first (as gpu_check.sh does:
+# in place, for the device's own architecture).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,10 +23,19 @@ OUT=${OUT:-bench/results/gpu_sanitize_${STAMP}}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 START=$(date +%s)
-BUDGET=${SANITIZE_SECONDS:-540}
+BUDGET=${SANITIZE_SECONDS:-300}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0a"}
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  CC_GPU=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')
+  case "$CC_GPU" in
+    9.0) TORCH_CUDA_ARCH_LIST=9.0a ;;
+    [0-9].[0-9] | 1[0-9].[0-9]) TORCH_CUDA_ARCH_LIST=$CC_GPU ;;
+    *) TORCH_CUDA_ARCH_LIST="8.0;9.0a" ;;
+  esac
+fi
+export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
 SANITIZER=$(command -v compute-sanitizer || ls "$CUDA_HOME"/compute-sanitizer/compute-sanitizer "$CUDA_HOME"/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -31,15 +45,14 @@ if [[ -z "$SANITIZER" ]]; then
   exit 0
 fi
 
+# As gpu_check.sh: moga imported from python/ (the in-place build), the Triton kernels linked in as moga.kernels.
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+[[ -e python/moga/kernels ]] || { ln -s ../../kernels python/moga/kernels && trap 'rm -f python/moga/kernels' EXIT; }
 if [[ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ]]; then
-  env MOGA_BUILD_CUDA=1 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1 ||
-    env MOGA_BUILD_CUDA=1 "$PYTHON" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1
+  timeout 120 env MOGA_BUILD_CUDA=1 "$PYTHON" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+  echo "build rc=$? ($(($(date +%s) - START))s, arch $TORCH_CUDA_ARCH_LIST)" | tee -a "$SUMMARY"
 fi
-if ! "$PYTHON" -c "import moga._C" 2>/dev/null; then
-  # gpu_check.sh's fallback: an in-place build imported through python/ with a link python/moga/kernels -> kernels.
-  [[ -e python/moga/kernels ]] || { ln -s ../../kernels python/moga/kernels && trap 'rm -f python/moga/kernels' EXIT; }
-  export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-fi
+"$PYTHON" -c "import moga._C; print('moga._C:', moga._C.__file__)" 2>&1 | tail -1 | tee -a "$SUMMARY"
 
 # The small CUDA tests (names in tests/test_cuda_backend.py).
 SELECT="test_ops_write_every_element or test_strided_and_misaligned_qkv or test_bwd_misaligned_dout \
@@ -59,7 +72,7 @@ run() {
   local log="$OUT/$tool.log" t0
   t0=$(date +%s)
   timeout --kill-after=10 "$limit" "$SANITIZER" --tool "$tool" --print-limit 20 --error-exitcode 99 "$@" \
-    "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_cuda_backend.py -k "$SELECT" >"$log" 2>&1
+    "$PYTHON" -m pytest -v -p no:cacheprovider tests/test_cuda_backend.py -k "$SELECT" >"$log" 2>&1
   local rc=$?
   local errors
   errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$log" | tail -1)
@@ -72,6 +85,6 @@ run() {
   tail -3 "$log" | tee -a "$SUMMARY"
 }
 
-run memcheck 300
-run racecheck 220 --racecheck-report hazard
+run memcheck 160
+run racecheck 160 --racecheck-report hazard
 echo "total $(($(date +%s) - START))s" | tee -a "$SUMMARY"
