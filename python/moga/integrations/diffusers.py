@@ -1,27 +1,44 @@
-"""Drop-in MoGA for diffusers' Wan 2.1 transformer (``diffusers.WanTransformer3DModel``).
+"""Drop-in MoGA for diffusers' video transformers (see docs/integrations.md for the per-family table).
 
-:func:`apply_moga` swaps the attention processor of each chosen block's self-attention (``attn1``) for
-:class:`MoGAWanAttnProcessor` and registers a router on that attention module (``blocks.<i>.attn1.router``), so
-the pretrained q/k/v/out weights and QK-norms are reused unchanged and the routers train and save with the
-model. Cross-attention (``attn2``) is left alone.
+:func:`apply_moga` swaps the attention processor of each chosen layer for a MoGA processor of the model's family
+and registers a router on that attention module (e.g. ``blocks.<i>.attn1.router``), so the pretrained q/k/v/out
+weights and QK-norms are reused unchanged and the routers train and save with the model. Families
+(:data:`SUPPORTED_MODELS`):
+
+* Wan 2.1 and its derivatives with the same self-attention: ``WanTransformer3DModel``,
+  ``SkyReelsV2Transformer3DModel`` (without its block-causal mask, ``num_frame_per_block == 1``),
+  ``WanVACETransformer3DModel`` (the main ``blocks``; the VACE control blocks keep dense attention),
+  ``ChronoEditTransformer3DModel``: :class:`MoGAWanAttnProcessor` on ``blocks.<i>.attn1``; cross-attention
+  (``attn2``) is left alone.
+* ``LTXVideoTransformer3DModel`` (separate cross-attention too): :class:`MoGALTXAttnProcessor` on
+  ``transformer_blocks.<i>.attn1``.
+* Joint text-video attention (MMDiT), where text tokens stay global (see :mod:`moga.integrations._core`):
+  ``HunyuanVideoTransformer3DModel`` (dual-stream then single-stream layers), ``CogVideoXTransformer3DModel``,
+  ``MochiTransformer3DModel``: :mod:`moga.integrations.diffusers_mmdit`.
+
+Everything is checked before the model is touched: an unsupported model or configuration raises with the model
+class and the reason, and leaves parameters, modules and processors as they were.
 
 The static branches need the post-patchify grid (T, H, W): a forward pre-hook on the transformer records it
-from the input latents (``(frames, height, width) // patch_size``) on every call. Shot boundaries (latent
-frames, after patchify) are passed as ``attention_kwargs={"shot_starts": [...]}`` to the transformer call.
+from the call's inputs (the latents' ``(frames, height, width) // patch_size``, or LTX's ``num_frames, height,
+width``) on every call. Shot boundaries (latent frames, after patchify) are passed as
+``attention_kwargs={"shot_starts": [...]}`` to the transformer call.
 
-Sequence parallelism: after ``apply_moga``, diffusers' own context parallelism
+Sequence parallelism (the Wan family only): after ``apply_moga``, diffusers' own context parallelism
 (``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))``) works unchanged. diffusers
 hands each MoGA processor its rank's contiguous shard of the tokens; the processor then runs Ulysses itself
 (:mod:`moga.distributed`): one all-to-all of q, k, v to head shards, an all-gather of the router logits, the routed
 and static branches over the full sequence for its H/P heads, and an all-to-all back. Outputs match a single
 process; each rank's parameter gradients are the part of its own tokens (summed over the CP group they equal the
 single-process gradients), for the routers exactly as for every other weight. Ring attention is not supported.
+The other families' processors raise NotImplementedError under context parallelism.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,22 +46,35 @@ import torch.distributed as dist
 from torch import nn
 
 from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
+from moga.integrations._core import MoGAProcessorBase, VideoState
+from moga.integrations.diffusers_mmdit import (
+    MoGACogVideoXAttnProcessor,
+    MoGAHunyuanVideoAttnProcessor,
+    MoGALTXAttnProcessor,
+    MoGAMochiAttnProcessor,
+)
 from moga.modules import WindowArg, apply_rotary_interleaved, check_layer_settings, moga_layer_attention
-from moga.router import MoGARouter, group_balance_loss, route_tokens
+from moga.router import MoGARouter
 
 SHOT_STARTS_KEY = "shot_starts"
 
+__all__ = [
+    "SHOT_STARTS_KEY",
+    "SUPPORTED_MODELS",
+    "MoGACogVideoXAttnProcessor",
+    "MoGAHunyuanVideoAttnProcessor",
+    "MoGALTXAttnProcessor",
+    "MoGAMochiAttnProcessor",
+    "MoGAProcessorBase",
+    "MoGAWanAttnProcessor",
+    "VideoState",
+    "apply_moga",
+    "moga_balance_loss",
+    "moga_processors",
+]
 
-@dataclass
-class VideoState:
-    """What the processors of one transformer need from its current input, set by a forward pre-hook."""
 
-    grid: tuple[int, int, int] | None = None
-    shot_starts: Sequence[int] | None = None
-    hook: Any = field(default=None, repr=False)
-
-
-class MoGAWanAttnProcessor:
+class MoGAWanAttnProcessor(MoGAProcessorBase):
     """Processor for a Wan self-attention module (``WanAttention`` with ``router`` attached by apply_moga).
 
     Projections, QK RMSNorm and rotary embedding are applied exactly as ``diffusers.WanAttnProcessor``
@@ -56,30 +86,6 @@ class MoGAWanAttnProcessor:
     context parallelism both are those of the whole sequence, identical on every rank; the balance loss's gradient
     reaches only this rank's tokens (summed over ranks it is the single-process gradient).
     """
-
-    # Read by diffusers: enable_parallelism sets _parallel_config on processors that have the attribute, and
-    # checks the attention backend of the first processor that declares one (None: the active backend).
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(
-        self,
-        state: VideoState,
-        *,
-        top_k: int,
-        window: WindowArg,
-        frame_attention: bool,
-        context_frames: int,
-        backend: str,
-    ) -> None:
-        self.state = state
-        self.top_k = top_k
-        self.window = window
-        self.frame_attention = frame_attention
-        self.context_frames = context_frames
-        self.backend = backend
-        self.last_balance_loss: torch.Tensor | None = None
-        self.last_group_fraction: torch.Tensor | None = None
 
     def __call__(
         self,
@@ -93,7 +99,10 @@ class MoGAWanAttnProcessor:
         if encoder_hidden_states is not None:
             raise ValueError("MoGAWanAttnProcessor is for self-attention: encoder_hidden_states must be None")
         if attention_mask is not None:
-            raise ValueError("MoGAWanAttnProcessor does not support attention_mask (Wan's self-attention has none)")
+            raise ValueError(
+                f"MoGAWanAttnProcessor ({self.model_name}) does not support an attention mask: MoGA's groups and "
+                "windows do not follow SkyReels-V2's block-causal mask (num_frame_per_block > 1)"
+            )
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -121,14 +130,7 @@ class MoGAWanAttnProcessor:
         if group is not None:
             out = heads_to_sequence(out, group)
             logits = _with_local_grad(full_logits, logits, group)
-        self.last_balance_loss = group_balance_loss(logits, self.top_k, form="paper")
-        with torch.no_grad():
-            # The routing moga_attention used (ties to the lower group), not torch.topk's tie order.
-            groups = route_tokens(logits, self.top_k)[1].reshape(-1)
-            counts = torch.zeros(logits.shape[-1], device=logits.device).index_add_(
-                0, groups, torch.ones_like(groups, dtype=torch.float32)
-            )
-            self.last_group_fraction = counts / max(logits.shape[0] * logits.shape[1], 1)
+        self._record_routing(logits)  # ties go to the lower group, as moga_attention routes
 
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
@@ -160,13 +162,124 @@ def _with_local_grad(full: torch.Tensor, local: torch.Tensor, group: Any) -> tor
     return torch.cat([rest[:, : rank * n], local, rest[:, (rank + 1) * n :]], dim=1)
 
 
-def _record_video_state(state: VideoState):
+def _latent_grid_5d(channels_first: bool) -> Callable[[nn.Module, dict], tuple[int, int, int]]:
+    """Grid of latents (B, C, F, H, W) (``channels_first``) or (B, F, C, H, W) after the model's patchify."""
+
+    def grid(model: nn.Module, call: dict) -> tuple[int, int, int]:
+        x = call["hidden_states"]
+        if x.dim() != 5:
+            raise ValueError(f"{type(model).__name__}: hidden_states must be 5-D latents, got {tuple(x.shape)}")
+        frames, height, width = (x.shape[2], x.shape[3], x.shape[4]) if channels_first else (
+            x.shape[1], x.shape[3], x.shape[4]
+        )  # fmt: skip
+        cfg = model.config
+        if isinstance(cfg.patch_size, int):
+            p_t = getattr(cfg, "patch_size_t", None) or 1
+            p_h = p_w = cfg.patch_size
+        else:
+            p_t, p_h, p_w = cfg.patch_size
+        return frames // p_t, height // p_h, width // p_w
+
+    return grid
+
+
+def _ltx_grid(model: nn.Module, call: dict) -> tuple[int, int, int] | None:
+    dims = (call.get("num_frames"), call.get("height"), call.get("width"))
+    return None if any(d is None for d in dims) else tuple(int(d) for d in dims)
+
+
+def _layers_attr(*paths: tuple[str, str]) -> Callable[[nn.Module], list[tuple[str, nn.Module]]]:
+    """The attention modules ``<list>.<i>.<attr>`` for each (list, attr), in order."""
+
+    def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [
+            (f"{blocks}.{i}.{attr}", getattr(block, attr))
+            for blocks, attr in paths
+            for i, block in enumerate(getattr(model, blocks))
+        ]
+
+    return layers
+
+
+def _refuse_skyreels(model: nn.Module) -> str | None:
+    n = model.config.num_frame_per_block
+    if n > 1:
+        return (
+            f"num_frame_per_block={n} makes its self-attention block-causal (an attention mask over frames), "
+            "which MoGA's groups and windows do not follow; use num_frame_per_block=1"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How apply_moga converts one diffusers model class."""
+
+    processor: type
+    layers: Callable[[nn.Module], list[tuple[str, nn.Module]]]
+    grid: Callable[[nn.Module, dict], tuple[int, int, int] | None]
+    context_parallel: bool = False
+    refuse: Callable[[nn.Module], str | None] = lambda model: None
+
+
+_WAN = dict(processor=MoGAWanAttnProcessor, layers=_layers_attr(("blocks", "attn1")), grid=_latent_grid_5d(True))
+_FAMILIES: dict[str, _Family] = {
+    "WanTransformer3DModel": _Family(**_WAN, context_parallel=True),
+    "SkyReelsV2Transformer3DModel": _Family(**_WAN, refuse=_refuse_skyreels),
+    "WanVACETransformer3DModel": _Family(**_WAN),
+    "ChronoEditTransformer3DModel": _Family(**_WAN),
+    "LTXVideoTransformer3DModel": _Family(
+        MoGALTXAttnProcessor, _layers_attr(("transformer_blocks", "attn1")), _ltx_grid
+    ),
+    "HunyuanVideoTransformer3DModel": _Family(
+        MoGAHunyuanVideoAttnProcessor,
+        _layers_attr(("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")),
+        _latent_grid_5d(True),
+    ),
+    "CogVideoXTransformer3DModel": _Family(
+        MoGACogVideoXAttnProcessor, _layers_attr(("transformer_blocks", "attn1")), _latent_grid_5d(False)
+    ),
+    "MochiTransformer3DModel": _Family(
+        MoGAMochiAttnProcessor, _layers_attr(("transformer_blocks", "attn1")), _latent_grid_5d(True)
+    ),
+}
+SUPPORTED_MODELS: tuple[str, ...] = tuple(_FAMILIES)
+"""Class names of the diffusers transformers :func:`apply_moga` converts."""
+
+
+def _family_of(transformer: nn.Module) -> _Family:
+    """The family of a diffusers transformer, or TypeError naming the class and why it is refused."""
+    cls = type(transformer)
+    name = cls.__name__
+    if name not in _FAMILIES or not cls.__module__.startswith("diffusers."):
+        raise TypeError(
+            f"apply_moga does not support {cls.__module__}.{name}: it converts the diffusers transformers "
+            f"{', '.join(SUPPORTED_MODELS)} (exact classes; subclasses may change the attention call)"
+        )
+    family = _FAMILIES[name]
+    reason = family.refuse(transformer)
+    if reason is not None:
+        raise ValueError(f"apply_moga cannot convert this {name}: {reason}")
+    return family
+
+
+def _check_attention_module(name: str, attn: nn.Module, model_name: str) -> None:
+    missing = [a for a in ("to_q", "to_k", "to_v", "heads", "processor") if not hasattr(attn, a)]
+    if missing:
+        raise TypeError(
+            f"apply_moga cannot convert {model_name}.{name} ({type(attn).__name__}): it lacks {', '.join(missing)}"
+        )
+
+
+def _record_video_state(state: VideoState, grid_fn: Callable, params: tuple[str, ...]):
+    """Forward pre-hook: the grid and shots of this call (arguments looked up by name or position, no inspect
+    at call time, so torch.compile traces it)."""
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        p_t, p_h, p_w = module.config.patch_size
-        _, _, frames, height, width = latents.shape
-        state.grid = (frames // p_t, height // p_h, width // p_w)
-        attention_kwargs = kwargs.get("attention_kwargs") or {}
+        call = dict(zip(params, args, strict=False))
+        call.update(kwargs)
+        state.grid = grid_fn(module, call)
+        attention_kwargs = call.get("attention_kwargs") or {}
         state.shot_starts = attention_kwargs.get(SHOT_STARTS_KEY)
 
     return hook
@@ -184,58 +297,83 @@ def apply_moga(
     router_bias: bool = False,
     backend: str = "auto",
 ) -> nn.Module:
-    """Replace the self-attention of Wan transformer blocks with MoGA, in place.
+    """Replace the self-attention (or joint text-video attention) of a diffusers video transformer with MoGA,
+    in place.
 
     Args:
-        transformer: a ``diffusers.WanTransformer3DModel``.
+        transformer: one of :data:`SUPPORTED_MODELS` (Wan 2.1 and derivatives, LTX-Video, HunyuanVideo,
+            CogVideoX, Mochi).
         num_groups: M, groups of the routed branch (M = 1 with no static branch leaves the output unchanged).
         window: STGA window, fixed (wt, wh, ww) in post-patchify tokens or a :class:`moga.WindowSplit`
             (e.g. ``moga.paper_config("wan").window``); None: no STGA branch.
         frame_attention: add the per-frame branch.
         top_k: groups per token.
-        blocks: indices of the blocks to convert; all blocks by default.
+        blocks: indices of the attention layers to convert (all by default), in the model's order: ``blocks`` for
+            the Wan family, ``transformer_blocks`` otherwise, and for HunyuanVideo the dual-stream
+            ``transformer_blocks`` followed by the ``single_transformer_blocks``.
         context_frames: cross-shot context frames of the STGA branch (shots come from
             ``attention_kwargs={"shot_starts": [...]}`` at call time).
         router_bias: bias of the new routers (initialised by ``nn.Linear``'s default).
         backend: segment-attention backend.
 
-    Returns: the same transformer object. Its routers are submodules named ``blocks.<i>.attn1.router``, on
-    the device and dtype of that block's ``to_q``.
-    """
-    if not hasattr(transformer, "blocks") or not hasattr(getattr(transformer, "config", None), "patch_size"):
-        raise TypeError(f"transformer must be a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
-    window = check_layer_settings(num_groups, top_k, window, context_frames)
-    n_blocks = len(transformer.blocks)
-    chosen = list(range(n_blocks)) if blocks is None else sorted(set(blocks))
-    for i in chosen:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_blocks:
-            raise ValueError(f"blocks must hold block indices in [0, {n_blocks}), got {blocks!r}")
-        if isinstance(transformer.blocks[i].attn1.processor, MoGAWanAttnProcessor):
-            raise ValueError(f"block {i} already uses MoGA (apply_moga was called twice on it)")
+    Returns: the same transformer object. Its routers are submodules named ``<layer>.router`` (e.g.
+    ``blocks.<i>.attn1.router``), on the device and dtype of that layer's ``to_q``.
 
+    Raises (before anything is changed): TypeError for an unsupported model, ValueError for a configuration
+    MoGA cannot run (e.g. SkyReels-V2 with a block-causal mask), bad settings or blocks, or blocks already
+    converted; NotImplementedError when context parallelism is already enabled on a family without it.
+    """
+    family = _family_of(transformer)
+    model_name = type(transformer).__name__
+    window = check_layer_settings(num_groups, top_k, window, context_frames)
+    layers = family.layers(transformer)
+    n_layers = len(layers)
+    chosen = list(range(n_layers)) if blocks is None else sorted(set(blocks))
+    for i in chosen:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers:
+            raise ValueError(f"blocks must hold layer indices in [0, {n_layers}) of {model_name}, got {blocks!r}")
+        name, attn = layers[i]
+        _check_attention_module(name, attn, model_name)
+        if isinstance(attn.processor, MoGAProcessorBase):
+            raise ValueError(f"{model_name}.{name} already uses MoGA (apply_moga was called twice on it)")
+    parallel_config = getattr(transformer, "_parallel_config", None)
+    if parallel_config is not None and not family.context_parallel:
+        raise NotImplementedError(
+            f"context parallelism is enabled on this {model_name}, and MoGA supports it for the Wan family only"
+        )
+
+    # Validated: from here on the model is modified.
     state = getattr(transformer, "_moga_video_state", None)
     if state is None:
         state = VideoState()
-        state.hook = transformer.register_forward_pre_hook(_record_video_state(state), with_kwargs=True)
+        params = tuple(inspect.signature(transformer.forward).parameters)
+        state.hook = transformer.register_forward_pre_hook(
+            _record_video_state(state, family.grid, params), with_kwargs=True
+        )
         transformer._moga_video_state = state
     for i in chosen:
-        attn = transformer.blocks[i].attn1
+        attn = layers[i][1]
         ref = attn.to_q.weight
         attn.router = MoGARouter(attn.to_q.in_features, num_groups, bias=router_bias).to(ref.device, ref.dtype)
-        processor = MoGAWanAttnProcessor(
+        processor = family.processor(
             state, top_k=top_k, window=window, frame_attention=frame_attention,
-            context_frames=context_frames, backend=backend,
+            context_frames=context_frames, backend=backend, model_name=model_name,
         )  # fmt: skip
         # enable_parallelism may have run before apply_moga: it hands its config only to the processors present
         # then, and records it on the model.
-        processor._parallel_config = getattr(transformer, "_parallel_config", None)
-        attn.set_processor(processor)
+        processor._parallel_config = parallel_config
+        if hasattr(attn, "set_processor"):
+            attn.set_processor(processor)
+        else:  # MochiAttention keeps its processor as a plain attribute
+            attn.processor = processor
     return transformer
 
 
-def moga_processors(transformer: nn.Module) -> list[MoGAWanAttnProcessor]:
-    """The MoGA processors of the transformer's blocks, in block order."""
-    return [b.attn1.processor for b in transformer.blocks if isinstance(b.attn1.processor, MoGAWanAttnProcessor)]
+def moga_processors(transformer: nn.Module) -> list[MoGAProcessorBase]:
+    """The MoGA processors of the transformer's attention layers, in module order."""
+    return [
+        m.processor for m in transformer.modules() if isinstance(getattr(m, "processor", None), MoGAProcessorBase)
+    ]
 
 
 def moga_balance_loss(transformer: nn.Module) -> torch.Tensor:

@@ -1,0 +1,274 @@
+"""The shared core of the diffusers processors: routing statistics and joint text-video MoGA attention.
+
+Joint (MMDiT) attention runs text and video tokens in one attention. MoGA's semantics there:
+
+* the routed branch and the static branches (STGA, per-frame) act on the video tokens only: the router runs on
+  the video tokens, groups and windows hold video tokens;
+* text tokens stay global: every segment of every branch also has the row's valid text tokens as keys, so
+  every video query attends to its group / window AND to the text; the text queries form one segment per batch
+  row whose keys are all valid tokens of the row (video and text);
+* padded text tokens (``text_valid`` False) are never keys. As queries they either attend like valid text
+  queries (``pad_queries="attend"``, what a key-padding mask does) or output zero (``"zero"``).
+
+Everything is expressed as segment layouts (:class:`moga.layout.SegmentLayout`) over the flattened joint token
+rows, so every backend runs it forward and backward with no dense mask. Memory: the key index lists grow by
+(number of segments) x (text tokens), never by N^2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from moga._checks import softmax_scale_or_default
+from moga.functional import _segment_outputs
+from moga.gate import gated_unpermute
+from moga.layout import RoutedLayout, SegmentLayout, routed_layout, sort_by_segment
+from moga.modules import WindowArg, resolve_window
+from moga.router import group_balance_loss, route_tokens
+from moga.window import check_context_frames, check_grid, normalize_shot_starts, window_layout
+
+PAD_QUERY_MODES = ("attend", "zero")
+
+
+@dataclass
+class VideoState:
+    """What the processors of one transformer need from its current input, set by a forward pre-hook."""
+
+    grid: tuple[int, int, int] | None = None
+    shot_starts: Sequence[int] | None = None
+    hook: Any = field(default=None, repr=False)
+
+
+class MoGAProcessorBase:
+    """What every MoGA attention processor of :mod:`moga.integrations.diffusers` shares: its settings, the video
+    state of its transformer, and the routing statistics of its last call.
+
+    After each call ``last_balance_loss`` is this layer's group balance loss (paper form, without alpha) and
+    ``last_group_fraction`` (M,) the fraction of video tokens routed to each group (detached).
+    """
+
+    # Read by diffusers: enable_parallelism sets _parallel_config on processors that have the attribute, and
+    # checks the attention backend of the first processor that declares one (None: the active backend).
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(
+        self,
+        state: VideoState,
+        *,
+        top_k: int,
+        window: WindowArg,
+        frame_attention: bool,
+        context_frames: int,
+        backend: str,
+        model_name: str = "",
+    ) -> None:
+        self.state = state
+        self.top_k = top_k
+        self.window = window
+        self.frame_attention = frame_attention
+        self.context_frames = context_frames
+        self.backend = backend
+        self.model_name = model_name
+        self.last_balance_loss: torch.Tensor | None = None
+        self.last_group_fraction: torch.Tensor | None = None
+
+    def _record_routing(self, logits: torch.Tensor) -> None:
+        self.last_balance_loss, self.last_group_fraction = routing_stats(logits, self.top_k)
+
+    def _refuse_context_parallel(self) -> None:
+        """For processors without sequence parallelism: fail clearly if diffusers' context parallelism is on."""
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        if cp is not None and ((cp.ulysses_degree or 1) > 1 or (cp.ring_degree or 1) > 1):
+            raise NotImplementedError(
+                f"{type(self).__name__} ({self.model_name}) does not support diffusers' context parallelism yet"
+            )
+
+
+def routing_stats(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group balance loss (paper form, without alpha) of a routing and the fraction of tokens routed to each
+    group (M,) (detached; ties go to the lower group, as :func:`moga.moga_attention` routes).
+
+    Args: logits (B, N, M); top_k: groups per token.
+    """
+    loss = group_balance_loss(logits, top_k, form="paper")
+    with torch.no_grad():
+        groups = route_tokens(logits, top_k)[1].reshape(-1)
+        counts = torch.zeros(logits.shape[-1], device=logits.device).index_add_(
+            0, groups, torch.ones_like(groups, dtype=torch.float32)
+        )
+        fraction = counts / max(logits.shape[0] * logits.shape[1], 1)
+    return loss, fraction
+
+
+def _video_rows(rows: torch.Tensor, num_video: int, num_tokens: int, video_offset: int) -> torch.Tensor:
+    """Token rows of a video-only layout (row b * Nv + i) -> rows of the joint sequence (b * N + offset + i)."""
+    return torch.div(rows, num_video, rounding_mode="floor") * num_tokens + video_offset + rows % num_video
+
+
+def _segment_of_positions(offsets: torch.Tensor, length: int) -> torch.Tensor:
+    """(length,) segment of each position of a layout's index list; -1 past the last segment."""
+    pos = torch.arange(length, device=offsets.device, dtype=torch.int64)
+    seg = torch.searchsorted(offsets, pos, right=True) - 1
+    return torch.where(pos < offsets[-1], seg, torch.full_like(seg, -1))
+
+
+def _text_rows(batch: int, num_tokens: int, text_offset: int, num_text: int, device: torch.device) -> torch.Tensor:
+    """(B, Nt) joint-sequence rows of the text tokens."""
+    b = torch.arange(batch, device=device, dtype=torch.int64).view(batch, 1)
+    return b * num_tokens + text_offset + torch.arange(num_text, device=device, dtype=torch.int64).view(1, num_text)
+
+
+def with_global_keys(
+    layout: RoutedLayout,
+    *,
+    batch: int,
+    num_video: int,
+    num_text: int,
+    video_first: bool,
+    text_valid: torch.Tensor | None,
+) -> RoutedLayout:
+    """A video-only self-attention layout (segments of B * Nv video rows, segment s in batch row
+    ``s // (S / B)``) moved onto the joint sequence, with the row's valid text tokens appended to the keys of every
+    segment. Query positions (and ``position``) are unchanged. No host synchronisation: excluded entries
+    (padding) are sorted past the last segment.
+    """
+    seg = layout.segments
+    N = num_video + num_text
+    video_offset, text_offset = (0, num_video) if video_first else (num_text, 0)
+    device = seg.q_index.device
+    S = seg.num_segments
+    q_index = _video_rows(seg.q_index, num_video, N, video_offset)
+    own_rows = _video_rows(seg.k_index, num_video, N, video_offset)
+    own_keys = _segment_of_positions(seg.k_offsets, seg.k_index.numel())
+    text_rows = _text_rows(batch, N, text_offset, num_text, device)  # (B, Nt)
+    seg_row = torch.arange(S, device=device, dtype=torch.int64) // (S // batch)  # batch row of each segment
+    extra_rows = text_rows[seg_row]  # (S, Nt)
+    extra_keys = torch.arange(S, device=device, dtype=torch.int64).view(S, 1).expand(S, num_text)
+    if text_valid is not None:
+        extra_keys = torch.where(text_valid[seg_row], extra_keys, torch.full_like(extra_keys, -1))
+    keys = torch.cat([own_keys, extra_keys.reshape(-1)])
+    rows = torch.cat([own_rows, extra_rows.reshape(-1)])
+    order, k_offsets = sort_by_segment(keys, S)  # stable: a segment's own keys stay before the text keys
+    segments = SegmentLayout(
+        q_index=q_index, q_offsets=seg.q_offsets, k_index=rows[order], k_offsets=k_offsets,
+        num_tokens=batch * N, q_unique=seg.q_unique, k_unique=False,
+    )  # fmt: skip
+    return replace(layout, segments=segments)
+
+
+def text_query_layout(
+    *,
+    batch: int,
+    num_video: int,
+    num_text: int,
+    video_first: bool,
+    text_valid: torch.Tensor | None,
+    pad_queries: str,
+    device: torch.device,
+) -> RoutedLayout:
+    """One segment per batch row: queries its text tokens, keys all its valid tokens (video and text).
+    ``position`` maps the B * Nt text entries (row-major) to their query positions."""
+    N = num_video + num_text
+    video_offset, text_offset = (0, num_video) if video_first else (num_text, 0)
+    b = torch.arange(batch, device=device, dtype=torch.int64).view(batch, 1)
+    text_rows = _text_rows(batch, N, text_offset, num_text, device)
+    video_rows = b * N + video_offset + torch.arange(num_video, device=device, dtype=torch.int64).view(1, num_video)
+    q_keys = b.expand(batch, num_text)
+    t_keys = b.expand(batch, num_text)
+    if text_valid is not None:
+        t_keys = torch.where(text_valid, t_keys, torch.full_like(t_keys, -1))
+        if pad_queries == "zero":
+            q_keys = torch.where(text_valid, q_keys, torch.full_like(q_keys, -1))
+    q_order, q_offsets = sort_by_segment(q_keys.reshape(-1), batch)
+    k_rows = torch.cat([video_rows, text_rows], dim=1).reshape(-1)
+    k_keys = torch.cat([b.expand(batch, num_video), t_keys], dim=1).reshape(-1)
+    k_order, k_offsets = sort_by_segment(k_keys, batch)
+    position = torch.empty_like(q_order)
+    position[q_order] = torch.arange(q_order.numel(), device=device, dtype=torch.int64)
+    segments = SegmentLayout(
+        q_index=text_rows.reshape(-1)[q_order], q_offsets=q_offsets, k_index=k_rows[k_order], k_offsets=k_offsets,
+        num_tokens=batch * N, q_unique=True, k_unique=True,
+    )  # fmt: skip
+    return RoutedLayout(segments=segments, position=position, top_k=1)
+
+
+def joint_moga_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    router_logits: torch.Tensor,
+    *,
+    num_text: int,
+    video_first: bool,
+    text_valid: torch.Tensor | None = None,
+    pad_queries: str = "attend",
+    top_k: int = 1,
+    grid: Sequence[int] | None = None,
+    window: WindowArg = None,
+    frame_attention: bool = False,
+    shot_starts: Sequence[int] | None = None,
+    context_frames: int = 0,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MoGA on a joint text-video sequence (semantics in the module docstring).
+
+    Args:
+        q, k, v: (B, N, H, D), N = Nv + Nt: video tokens then text tokens (``video_first``) or text then video.
+        router_logits: (B, Nv, M), the router on the video tokens.
+        num_text: Nt.
+        text_valid: (B, Nt) bool, False marks padded text; None: all valid.
+        pad_queries: what a padded text query does: ``"attend"`` (like a valid one) or ``"zero"`` (output 0).
+        top_k, grid, window, frame_attention, shot_starts, context_frames, softmax_scale, backend: as in
+            :func:`moga.modules.moga_layer_attention`; grid describes the video tokens.
+
+    Returns: (B, N, H, D) in the dtype of q: video rows the mean of the branches, text rows global attention.
+    """
+    B, N, H, D = q.shape
+    Nv = N - num_text
+    if Nv < 1 or num_text < 0:
+        raise ValueError(f"joint sequence of {N} tokens cannot hold {num_text} text tokens and some video")
+    if router_logits.shape[:2] != (B, Nv):
+        raise ValueError(f"router_logits must be (B, Nv, M) = ({B}, {Nv}, M), got {tuple(router_logits.shape)}")
+    if text_valid is not None and (text_valid.shape != (B, num_text) or text_valid.dtype != torch.bool):
+        raise ValueError(f"text_valid must be a ({B}, {num_text}) bool tensor, got {text_valid.dtype} "
+                         f"{tuple(text_valid.shape)}")  # fmt: skip
+    if pad_queries not in PAD_QUERY_MODES:
+        raise ValueError(f"pad_queries must be one of {PAD_QUERY_MODES}, got {pad_queries!r}")
+    static = window is not None or frame_attention
+    if static:
+        if grid is None:
+            raise ValueError("grid=(T, H, W) of the video tokens is required when window or frame_attention is set")
+        grid = check_grid(grid, Nv)
+    scale = softmax_scale_or_default(softmax_scale, D)
+    joint = dict(batch=B, num_video=Nv, num_text=num_text, video_first=video_first, text_valid=text_valid)
+    M = router_logits.shape[-1]
+
+    _, groups, gates = route_tokens(router_logits, top_k)
+    routed = with_global_keys(routed_layout(groups, M), **joint)
+    out_seg = _segment_outputs(q, k, v, routed, scale, backend)
+    branches = [gated_unpermute(out_seg, routed.position, gates.reshape(B * Nv, top_k))]
+    windows = []
+    if window is not None:
+        windows.append((resolve_window(window, grid), check_context_frames(context_frames)))
+    if frame_attention:
+        windows.append(((1, grid[1], grid[2]), 0))
+    if static:
+        shots = normalize_shot_starts(shot_starts, grid[0])
+        build = window_layout.__wrapped__ if torch.compiler.is_compiling() else window_layout
+    for win, ctx in windows:
+        layout = with_global_keys(build(grid, win, shots, ctx, q.device, B), **joint)
+        branches.append(_segment_outputs(q, k, v, layout, scale, backend)[layout.position])
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    video = sum(b.to(acc_dtype) for b in branches) / len(branches)  # (B * Nv, H, D)
+    video = video.to(q.dtype).view(B, Nv, H, D)
+    if num_text == 0:
+        return video
+    text_layout = text_query_layout(**joint, pad_queries=pad_queries, device=q.device)
+    text = _segment_outputs(q, k, v, text_layout, scale, backend)[text_layout.position].view(B, num_text, H, D)
+    return torch.cat([video, text], dim=1) if video_first else torch.cat([text, video], dim=1)
