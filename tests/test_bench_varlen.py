@@ -63,3 +63,20 @@ def test_methods_list_the_varlen_recipe_and_backend(monkeypatch) -> None:
     assert methods["group_attention[varlen]"].kind == "moga"
     methods = _methods(cpu, "bfloat16")
     assert methods["group_attention[varlen]"].skip_reason is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen_attn is CUDA-only)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_varlen_recipe_matches_reference(dtype) -> None:
+    from moga.bench.baselines import sorted_recipe
+
+    if varlen_recipe_reason(torch.device("cuda"), dtype) is not None:
+        pytest.skip(varlen_recipe_reason(torch.device("cuda"), dtype))
+    sizes = [1500, 0, 970, 1, 520]
+    ids = group_ids_from_sizes(sizes, torch.Generator().manual_seed(3)).view(1, -1).cuda()
+    n = ids.shape[1]
+    q, k, v = (torch.randn(1, n, 4, 64, device="cuda", dtype=dtype) for _ in range(3))
+    ref = group_attention_ref(q, k, v, ids)
+    err = rel_err(varlen_recipe(q, k, v, ids, len(sizes)), ref)
+    sdpa_err = rel_err(sorted_recipe(q, k, v, ids, len(sizes)), ref)
+    assert err <= max(1e-3 if dtype == torch.float16 else 0.0, 2 * sdpa_err), (err, sdpa_err)

@@ -187,9 +187,13 @@ def test_auto_order_on_cuda_starts_with_varlen_and_cuda_is_opt_in():
 # --- composition vs the float64 reference ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("hkv", [2, 1])
+RAGGED_CASES = [(f, torch.float64, hkv) for f in FLAVOURS for hkv in (2, 1)] + [
+    ("2.12", torch.float16, 1),
+    ("2.11", torch.bfloat16, 2),
+]
+
+
+@pytest.mark.parametrize(("flavour", "dtype", "hkv"), RAGGED_CASES)
 def test_group_attention_ragged_matches_reference(calls, float64_ok, flavour, dtype, hkv):
     B, N, Hq, D, G = 2, 37, 2, 32, 6
     ids = _ragged_ids(B, N, G)
@@ -426,3 +430,36 @@ def test_gpu_varlen_matches_reference(dtype, hkv):
         err, torch_err = rel_err(gv, w), rel_err(b, w)
         bound = max(1e-3, 2 * torch_err) if dtype == torch.float16 else 2 * torch_err
         assert err <= bound, f"{name}: rel err {err:.3e}, torch backend {torch_err:.3e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen_attn is CUDA-only)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 40])
+def test_gpu_varlen_ragged_padded_groups(dtype, D):
+    """Empty and single-token groups, padding (tail positions), GQA and a padded head dim on the real kernel
+    (N > 128 so that cuDNN, where torch dispatches to it, runs too)."""
+    if not varlen_backend.is_available():
+        pytest.skip(f"varlen_attn unavailable in torch {torch.__version__}")
+    B, N, Hq, Hkv, G = 2, 900, 4, 2, 7
+    ids = _ragged_ids(B, N, G, seed=D).cuda()
+    g = torch.Generator().manual_seed(D)
+    leaves = [torch.randn(B, N, h, D, generator=g).to("cuda", dtype).requires_grad_(True) for h in (Hq, Hkv, Hkv)]
+    dbl = as_double_leaves(*leaves)
+    ref = group_attention_ref(*dbl, ids)
+    dout = torch.randn_like(ref)
+    ref.backward(dout)
+
+    def run(backend):
+        xs = [t.detach().clone().requires_grad_(True) for t in leaves]
+        out = moga.group_attention(*xs, ids, num_groups=G, backend=backend)
+        out.backward(dout.to(dtype))
+        return [out] + [t.grad for t in xs]
+
+    got, base = run("varlen"), run("torch")
+    for name, gv, b, w in zip(["out", "dq", "dk", "dv"], got, base, [ref, *[t.grad for t in dbl]], strict=True):
+        assert torch.isfinite(gv).all(), name
+        err, torch_err = rel_err(gv, w), rel_err(b, w)
+        bound = max(1e-3, 2 * torch_err) if dtype == torch.float16 else 2 * torch_err
+        assert err <= bound, f"{name}: rel err {err:.3e}, torch backend {torch_err:.3e}"
+    padded = (ids < 0)[..., None, None].expand_as(got[0])
+    assert got[0][padded].abs().max() == 0 and got[1][padded].abs().max() == 0

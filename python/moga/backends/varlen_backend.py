@@ -41,7 +41,6 @@ Testing without a GPU: :data:`varlen_attn_override` replaces varlen_attn by any 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 import threading
@@ -77,23 +76,35 @@ def _torch_varlen_attn() -> Callable[..., torch.Tensor] | None:
 
 
 def _impl() -> Callable[..., torch.Tensor] | None:
-    return varlen_attn_override if varlen_attn_override is not None else _torch_varlen_attn()
+    return varlen_attn_override if varlen_attn_override is not None else _TORCH_VARLEN
 
 
-@functools.lru_cache(maxsize=16)
-def _keywords(fn: Callable[..., torch.Tensor]) -> frozenset[str]:
-    """Names of the parameters of ``fn`` (to pass ``scale``/``enable_gqa`` only where they exist)."""
+def _parameters(fn: Callable[..., torch.Tensor] | None) -> frozenset[str]:
+    if fn is None:
+        return frozenset()
     try:
         return frozenset(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return frozenset()
 
 
+# torch's own varlen_attn and its parameter names, read once at import (inspect stays out of traced code).
+_TORCH_VARLEN = _torch_varlen_attn()
+_TORCH_KEYWORDS = _parameters(_TORCH_VARLEN)
+
+
+def _keywords(fn: Callable[..., torch.Tensor]) -> frozenset[str]:
+    """Names of the parameters of ``fn`` (to pass ``scale``/``enable_gqa`` only where they exist)."""
+    if fn is _TORCH_VARLEN:
+        return _TORCH_KEYWORDS
+    return _parameters(fn)  # a stand-in (tests)
+
+
 def is_available() -> bool:
     """torch has ``varlen_attn`` and CUDA is available (or a stand-in is installed in :data:`varlen_attn_override`)."""
     if varlen_attn_override is not None:
         return True
-    return _torch_varlen_attn() is not None and torch.cuda.is_available()
+    return _TORCH_VARLEN is not None and torch.cuda.is_available()
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -188,12 +199,17 @@ def _cu_seqlens(offsets: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _bound(default: int, override: int | None, offsets: torch.Tensor, name: str) -> int:
+    """The max_q/max_k to pass: the caller's bound (checked on the device) or the host-known default.
+
+    Never below 2: FlashAttention-2 treats max_seqlen_q == 1 with GQA as decoding and reshapes q on the assumption
+    of one query per sequence, which the tail and empty sequences here break. A larger bound is always valid.
+    """
     if override is None:
-        return max(default, 1)
+        return max(default, 2)
     if offsets.numel() > 1:
         longest = torch.diff(offsets).max()
         torch._assert_async(longest <= override, f"moga varlen backend: a segment is longer than {name}={override}")
-    return override
+    return max(override, 2)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor, heads: int) -> torch.Tensor:
