@@ -126,6 +126,16 @@ def group_attention(
     return _run_segments(q, k, v, routed, scale, backend, deterministic)[:, 0].view(q.shape)
 
 
+def _check_valid(valid: torch.Tensor, B: int, N: int, device: torch.device) -> None:
+    """A validity mask must be a (B, N) bool tensor on the device of q."""
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor (False = padding), got {getattr(valid, 'dtype', type(valid))}")
+    if tuple(valid.shape) != (B, N):
+        raise ValueError(f"valid must have shape (batch, seqlen) = {(B, N)}, got {tuple(valid.shape)}")
+    if valid.device != device:
+        raise ValueError(f"valid is on {valid.device} but q is on {device}")
+
+
 def moga_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,6 +146,7 @@ def moga_attention(
     softmax_scale: float | None = None,
     backend: str = "auto",
     deterministic: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mixture-of-Groups attention (paper Eq. 5, generalised to top_k groups per token).
 
@@ -152,6 +163,9 @@ def moga_attention(
         softmax_scale: defaults to D ** -0.5.
         backend: see :func:`group_attention`.
         deterministic: see :func:`group_attention`.
+        valid: (B, N) bool or None. False marks padding, as a negative id does in :func:`group_attention`:
+            the token is neither a query nor a key of any group, its output is 0 and its router logits get no
+            gradient. None: every token is valid.
 
     Returns: (B, N, Hq, D), dtype of q. Differentiable in q, k, v and router_logits (through the gate p).
     Never synchronises with the GPU.
@@ -161,6 +175,9 @@ def moga_attention(
     check_top_k(top_k, M)
     scale = softmax_scale_or_default(softmax_scale, D)
     _, groups, gates = route_tokens(router_logits, top_k)
+    if valid is not None:
+        _check_valid(valid, B, N, q.device)
+        groups = torch.where(valid[..., None], groups, torch.full_like(groups, -1))  # padding: in no group
     routed = routed_layout(groups, M)
     out_seg = _segment_outputs(q, k, v, routed, scale, backend, deterministic)  # (T * K, Hq, D)
     return gated_unpermute(out_seg, routed.position, gates.reshape(B * N, top_k)).view(q.shape)
