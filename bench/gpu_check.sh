@@ -14,13 +14,13 @@
 #                    device's own (TORCH_CUDA_ARCH_LIST=9.0a on Hopper, read from nvidia-smi)
 #   import       10  import moga from python/ (PYTHONPATH, link python/moga/kernels -> kernels), backends available
 #   ceiling      20  bf16 matmul and device copy ceilings -> ceiling.json
-#   bench       140  moga bench, HEADLINE case first: N = 580000 (then 131072 32768 8192 while the cap lasts), M = 8
+#   bench       150  moga bench, HEADLINE case first: N = 580000 (then 131072 32768 8192 while the cap lasts), M = 8
 #                    balanced, Hq = 40, D = 128, bf16 (the paper's shapes, python/moga/bench/cases.py); methods
 #                    triton, varlen and the recipes (dense SDPA always; forward only at 580K under --time-limit 4);
 #                    bench.json rewritten after every case
-#   test_triton  55* Triton kernel tests: their own pytest process, -v (each name printed as it starts), per-test
+#   test_triton  50* Triton kernel tests: their own pytest process, -v (each name printed as it starts), per-test
 #                    timeout (pytest-timeout when installed, else the step's timeout alone)
-#   test_cuda    30* CUDA C++ backend, varlen and optional-backend tests: another process (an illegal address
+#   test_cuda    25* CUDA C++ backend, varlen and optional-backend tests: another process (an illegal address
 #                    poisons only its own process's CUDA context)
 #   test_large   20* tests/test_gpu_large.py: tensors of more than 2^31 elements, a process of its own
 #   memcheck     20* compute-sanitizer memcheck of the small CUDA op tests (the long run: bench/gpu_sanitize.sh)
@@ -59,7 +59,7 @@ unset TRITON_INTERPRET # real kernels on the real GPU
 
 # ---- the plan ---------------------------------------------------------------------------------------------------
 STEPS=(env build import ceiling bench test_triton test_cuda test_large memcheck tile_sweep report)
-declare -A CAP=([env]=15 [build]=75 [import]=10 [ceiling]=20 [bench]=140 [test_triton]=55 [test_cuda]=30
+declare -A CAP=([env]=15 [build]=75 [import]=10 [ceiling]=20 [bench]=150 [test_triton]=50 [test_cuda]=25
   [test_large]=20 [memcheck]=20 [tile_sweep]=20 [report]=5)
 ELASTIC=" test_triton test_cuda test_large memcheck tile_sweep "
 declare -A PLANNED_END
