@@ -116,6 +116,11 @@ class MoGAWanAttnProcessor(MoGAProcessorBase):
 
         logits = attn.router(hidden_states)  # (B, n, M): this rank's tokens under context parallelism
         group = _ulysses_group(self._parallel_config)
+        if group is not None and self.model_name not in _CONTEXT_PARALLEL_MODELS:
+            raise NotImplementedError(
+                f"MoGA under diffusers' context parallelism is supported (and tested) for "
+                f"{', '.join(_CONTEXT_PARALLEL_MODELS)} only, not {self.model_name}"
+            )
         if group is not None:
             # Sequence shards -> head shards: every rank sees all N tokens of its H/P heads.
             query, key, value = qkv_to_heads(query, key, value, group)
@@ -244,6 +249,7 @@ _FAMILIES: dict[str, _Family] = {
     ),
 }
 SUPPORTED_MODELS: tuple[str, ...] = tuple(_FAMILIES)
+_CONTEXT_PARALLEL_MODELS = tuple(name for name, f in _FAMILIES.items() if f.context_parallel)
 """Class names of the diffusers transformers :func:`apply_moga` converts."""
 
 
