@@ -45,7 +45,7 @@
 # make those steps exit with rc or hang, to exercise the accounting.
 set -u -o pipefail
 shopt -s nullglob
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 export PYTHON=${PYTHON:-python3}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
@@ -293,18 +293,20 @@ BENCH_ARGS=(${GPU_CHECK_BENCH_ARGS:---n 580000 131072 32768 8192 --m 8 --dist ba
   --methods triton varlen recipe --time-limit 4 --budget 0.5})
 step bench "$PYTHON" -m moga.bench --device cuda "${BENCH_ARGS[@]}" --json "$OUT/bench.json" --plot "$OUT/bench.png"
 
-TRITON_TESTS=(tests/test_*triton*.py)
-CUDA_TESTS=(tests/test_*cuda*.py tests/test_*varlen*.py tests/test_optional_backends.py)
-LARGE_TESTS=(tests/test_gpu_large.py)
-for group in triton cuda large; do
-  declare -n files="${group^^}_TESTS"
+# tests NAME FILE...: one pytest process over the files that exist (a missing group is listed as skipped).
+tests() {
+  local name=$1 f files=()
+  shift
+  for f in "$@"; do [[ -f $f ]] && files+=("$f"); done
   if ((${#files[@]})); then
-    step "test_$group" "${PYTEST[@]}" "${files[@]}"
+    step "$name" "${PYTEST[@]}" "${files[@]}"
   else
-    skip "test_$group" "no test files"
+    skip "$name" "no test files"
   fi
-  unset -n files
-done
+}
+tests test_triton tests/test_*triton*.py
+tests test_cuda tests/test_*cuda*.py tests/test_*varlen*.py tests/test_optional_backends.py
+tests test_large tests/test_gpu_large.py
 
 # The small CUDA op tests under memcheck (direct op calls on ragged / empty / singleton / repeated-token layouts).
 # PyTorch's caching allocator is off so that memcheck sees each buffer's own bounds.
@@ -317,6 +319,7 @@ else
 fi
 
 # The sweep stops starting new rows 5 s before its limit (STEP_LIMIT, set by step) and writes JSON after each row.
+# shellcheck disable=SC2016  # expanded by the inner bash, after step sets STEP_LIMIT
 step tile_sweep bash -c '"$PYTHON" bench/tile_sweep.py --json "$OUT/tile_sweep.json" --max-seconds $((STEP_LIMIT - 5))'
 
 step report bash -c report

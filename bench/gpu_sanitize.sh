@@ -15,7 +15,7 @@
 # then says so instead of failing. Without GPU_CHECK_SKIP_BUILD=1 the extension is built first (as gpu_check.sh does:
 # in place, for the device's own architecture).
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 PYTHON=${PYTHON:-python3}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
