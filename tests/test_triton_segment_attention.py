@@ -23,7 +23,14 @@ pytestmark = pytest.mark.skipif(
 
 if triton_backend is not None and triton_backend.is_available():
     from moga.kernels.segment_attention import compile_specs, segment_attention_fwd, segment_attention_naive
-    from moga.kernels.segment_attention.configs import DTYPES, HEAD_DIMS, config, production_config
+    from moga.kernels.segment_attention.configs import (
+        DTYPES,
+        HEAD_DIMS,
+        MAX_HEAD_DIM,
+        MIN_HEAD_DIM,
+        config,
+        production_config,
+    )
     from moga.kernels.segment_attention.tiles import build_tile_table, tile_bound
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -267,7 +274,11 @@ def test_poisoned_outputs_and_grads_are_overwritten(top_k: int) -> None:
 
 def test_unsupported_inputs_are_refused() -> None:
     probe = torch.zeros(4, 2, 48, device=DEVICE)
-    assert "head dim 48" in triton_backend.unsupported_reason(probe, probe, probe)
+    assert triton_backend.unsupported_reason(probe, probe, probe) is None  # any head dim from 1 to 256
+    for D in (0, 257, 512):
+        wide = torch.zeros(4, 2, D, device=DEVICE)
+        reason = triton_backend.unsupported_reason(wide, wide, wide)
+        assert f"head dim {D} (supported: any head dim from 1 to 256)" in reason
     probe64 = torch.zeros(4, 2, 64, dtype=torch.float64, device=DEVICE)
     assert "dtype" in triton_backend.unsupported_reason(probe64, probe64, probe64)
     assert triton_backend.unsupported_reason(probe[..., :32], probe[..., :32], probe[..., :32]) is None
@@ -280,8 +291,8 @@ def test_unsupported_inputs_are_refused() -> None:
         assert "k on cpu" in triton_backend.unsupported_reason(probe[..., :32], probe[..., :32].cpu(), probe[..., :32])
     with pytest.raises(ValueError, match="num_tokens=4 but q has 3 token rows"):
         triton_backend.segment_attention(probe[:3, :, :32], probe[:3, :, :32], probe[:3, :, :32], layout, 1.0)
-    q = torch.zeros(1, 8, 2, 48, device=DEVICE)
-    with pytest.raises(ValueError, match="head dim 48"):
+    q = torch.zeros(1, 8, 2, 264, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 264"):
         group_attention(q, q, q, torch.zeros(1, 8, dtype=torch.int64, device=DEVICE), backend="triton")
 
 
@@ -308,4 +319,5 @@ def test_compile_specs_list_every_production_config(arch: str) -> None:
 
 def test_backend_and_kernel_tables_agree() -> None:
     """The backend refuses what the kernels cannot run (it keeps its own copy to avoid importing triton)."""
-    assert triton_backend.HEAD_DIMS == HEAD_DIMS and triton_backend.DTYPES == DTYPES
+    assert (triton_backend.MIN_HEAD_DIM, triton_backend.MAX_HEAD_DIM) == (MIN_HEAD_DIM, MAX_HEAD_DIM)
+    assert triton_backend.DTYPES == DTYPES

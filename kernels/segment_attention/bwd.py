@@ -10,6 +10,10 @@ Gradients are returned in token space. When a token row occurs at most once in t
 tensor (tokens no segment reads keep exact zeros). Otherwise the kernels write one fp32 row per position
 (zero rows for positions after the last segment) and :mod:`reduce` sums them per token in a fixed order.
 Neither path uses floating-point atomics: forward and backward are bitwise deterministic.
+
+Head dims: as in :mod:`fwd`, a head dim that is not a tile width is zero-padded on the host (q, k, v, out,
+dout; zero columns of q and k change no score, zero columns of v and dout no dp = dout.v) and the gradients'
+extra columns, which are zero, are sliced off. Launches run on q's device.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import triton
 import triton.language as tl
 
 from moga import _alloc
-from moga.kernels.segment_attention.configs import config
+from moga.kernels.segment_attention import launch
+from moga.kernels.segment_attention.configs import config, padded_head_dim
 from moga.kernels.segment_attention.fwd import LOG2E, aligned_rows, use_ieee, use_upcast
 from moga.kernels.segment_attention.reduce import positions_to_tokens
 from moga.kernels.segment_attention.tiles import build_tile_table
@@ -206,9 +211,11 @@ def segment_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout (Lq, Hq, D) contiguous -> dq (T, Hq, D), dk (T, Hkv, D), dv (T, Hkv, D), dtype of q.
 
-    Tokens that no segment reads get zero gradients. No host synchronisation.
+    Tokens that no segment reads get zero gradients. D: any head dim in [1, 256]. No host synchronisation.
     """
-    q, k, v, dout, out = (aligned_rows(t) for t in (q, k, v, dout, out))
+    head_dim = q.shape[2]
+    width = padded_head_dim(head_dim)
+    q, k, v, dout, out = (aligned_rows(launch.pad_head_dim(t, width)) for t in (q, k, v, dout, out))
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     Lq, Lk = layout.q_index.numel(), layout.k_index.numel()
@@ -219,11 +226,12 @@ def segment_attention_bwd(
     delta = _alloc.empty(Hq, Lq, dtype=torch.float32, device=device)
     if Lq > 0:
         cfg = config("preprocess", D, q.dtype, device)
-        segment_attn_bwd_preprocess_kernel[(triton.cdiv(Lq, cfg.block_m), Hq)](
-            out, dout, delta, Lq,
-            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-            D=D, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+        with launch.device_guard(device):
+            segment_attn_bwd_preprocess_kernel[(triton.cdiv(Lq, cfg.block_m), Hq)](
+                out, dout, delta, Lq,
+                out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+                D=D, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
 
     dk = _token_grad_buffers(layout.k_unique, T, Lk, Hkv, D, k.dtype, device)
     dv = _token_grad_buffers(layout.k_unique, T, Lk, Hkv, D, v.dtype, device)
@@ -232,16 +240,17 @@ def segment_attention_bwd(
         tiles = build_tile_table(
             layout.k_offsets, layout.q_offsets, Lk, cfg.block_n, include_tail=not layout.k_unique
         )
-        segment_attn_bwd_dkdv_kernel[(tiles.shape[0], Hkv)](
-            q, k, v, dout, lse, delta, dk, dv, layout.q_index, layout.k_index, tiles,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), lse.stride(0),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            scale * LOG2E, scale,
-            GROUP=group, D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            SCATTER=layout.k_unique, UPCAST=upcast, IEEE=ieee,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+        with launch.device_guard(device):
+            segment_attn_bwd_dkdv_kernel[(tiles.shape[0], Hkv)](
+                q, k, v, dout, lse, delta, dk, dv, layout.q_index, layout.k_index, tiles,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                dout.stride(0), dout.stride(1), lse.stride(0),
+                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                scale * LOG2E, scale,
+                GROUP=group, D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                SCATTER=layout.k_unique, UPCAST=upcast, IEEE=ieee,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
 
     dq = _token_grad_buffers(layout.q_unique, T, Lq, Hq, D, q.dtype, device)
     if Lq > 0:
@@ -249,19 +258,20 @@ def segment_attention_bwd(
         tiles = build_tile_table(
             layout.q_offsets, layout.k_offsets, Lq, cfg.block_m, include_tail=not layout.q_unique
         )
-        segment_attn_bwd_dq_kernel[(tiles.shape[0], Hq)](
-            q, k, v, dout, lse, delta, dq, layout.q_index, layout.k_index, tiles,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), lse.stride(0),
-            dq.stride(0), dq.stride(1),
-            scale * LOG2E, scale,
-            GROUP=group, D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            SCATTER=layout.q_unique, UPCAST=upcast, IEEE=ieee,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+        with launch.device_guard(device):
+            segment_attn_bwd_dq_kernel[(tiles.shape[0], Hq)](
+                q, k, v, dout, lse, delta, dq, layout.q_index, layout.k_index, tiles,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                dout.stride(0), dout.stride(1), lse.stride(0),
+                dq.stride(0), dq.stride(1),
+                scale * LOG2E, scale,
+                GROUP=group, D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                SCATTER=layout.q_unique, UPCAST=upcast, IEEE=ieee,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
 
     return (
-        _to_tokens(dq, layout.q_unique, layout.q_index, T, q.dtype),
-        _to_tokens(dk, layout.k_unique, layout.k_index, T, k.dtype),
-        _to_tokens(dv, layout.k_unique, layout.k_index, T, v.dtype),
+        launch.unpad_head_dim(_to_tokens(dq, layout.q_unique, layout.q_index, T, q.dtype), head_dim),
+        launch.unpad_head_dim(_to_tokens(dk, layout.k_unique, layout.k_index, T, k.dtype), head_dim),
+        launch.unpad_head_dim(_to_tokens(dv, layout.k_unique, layout.k_index, T, v.dtype), head_dim),
     )

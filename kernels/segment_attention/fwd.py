@@ -4,6 +4,11 @@ Program (tile, query head): ``block_m`` query positions of one segment, read thr
 to the segment's key positions, read through ``k_index`` in ``block_n`` steps, with an online softmax in
 fp32 (base 2, log2(e) folded into the scale). The tile table also covers the positions after the last
 segment, whose programs find no keys and write zero rows and lse = -inf.
+
+Head dims: the kernel is compiled for D in ``configs.HEAD_DIMS`` (32, 64, 128, 256). Any other head dim in
+[1, 256] is zero-padded on the host to its tile width ``configs.padded_head_dim(D)`` (zero columns change no
+score; the softmax scale stays the caller's, by default 1/sqrt of the real D) and the output's extra columns are
+sliced off, so every head dim runs the very code the compile check measured. Launches run on q's device.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import triton
 import triton.language as tl
 
 from moga import _alloc
-from moga.kernels.segment_attention.configs import config, interpreting
+from moga.kernels.segment_attention import launch
+from moga.kernels.segment_attention.configs import config, interpreting, padded_head_dim
 from moga.kernels.segment_attention.tiles import build_tile_table
 from moga.kernels.segment_attention.tl_helpers import load_rows, load_tile, mma, row_ptrs
 from moga.layout import SegmentLayout
@@ -110,25 +116,29 @@ def segment_attention_fwd(
     """q (T, Hq, D), k/v (T, Hkv, D) -> out (Lq, Hq, D) dtype of q, lse (Hq, Lq) float32.
 
     out is in segment order with zero rows outside segments; lse is the natural-log sum of
-    exp(scale * q.k) over each query's keys, -inf where it has none. No host synchronisation.
+    exp(scale * q.k) over each query's keys, -inf where it has none. D: any head dim in [1, 256] (see the module
+    docstring). No host synchronisation.
     """
-    q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)
+    head_dim = q.shape[2]
+    width = padded_head_dim(head_dim)
+    q, k, v = (aligned_rows(launch.pad_head_dim(t, width)) for t in (q, k, v))
     Lq, Hq, D = layout.q_index.numel(), q.shape[1], q.shape[2]
     out = _alloc.empty(Lq, Hq, D, dtype=q.dtype, device=q.device)
     lse = _alloc.empty(Hq, Lq, dtype=torch.float32, device=q.device)
     if Lq == 0:
-        return out, lse
+        return launch.unpad_head_dim(out, head_dim), lse
     cfg = config("fwd", D, q.dtype, q.device)
     tiles = build_tile_table(layout.q_offsets, layout.k_offsets, Lq, cfg.block_m, include_tail=True)
     grid = (tiles.shape[0], Hq)
-    segment_attn_fwd_kernel[grid](
-        q, k, v, out, lse, layout.q_index, layout.k_index, tiles,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        scale * LOG2E,
-        GROUP=Hq // k.shape[1], D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        UPCAST=use_upcast(q.dtype), IEEE=use_ieee(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return out, lse
+    with launch.device_guard(q.device):
+        segment_attn_fwd_kernel[grid](
+            q, k, v, out, lse, layout.q_index, layout.k_index, tiles,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            scale * LOG2E,
+            GROUP=Hq // k.shape[1], D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            UPCAST=use_upcast(q.dtype), IEEE=use_ieee(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return launch.unpad_head_dim(out, head_dim), lse
 

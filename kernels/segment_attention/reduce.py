@@ -3,7 +3,8 @@
 When a token row can occur at several positions of a layout (top_k > 1, context keys), the gradient kernels
 write one fp32 row per position. Here the positions are stably sorted by token on the device, and one program
 per (token, block of the row) adds that token's rows in this fixed order: no floating-point atomics, so the
-result is bitwise reproducible, and every token row (zero for tokens at no position) is written.
+result is bitwise reproducible, and every token row (zero for tokens at no position) is written. Rows are
+flat (H * D elements, any head dim); the launch runs on the gradient's device.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import triton
 import triton.language as tl
 
 from moga import _alloc
+from moga.kernels.segment_attention import launch
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -53,5 +55,6 @@ def positions_to_tokens(
     tokens = torch.arange(num_tokens + 1, dtype=torch.int64, device=grad.device)
     starts = torch.searchsorted(sorted_index, tokens)  # (T + 1,) token t's positions: order[starts[t]:starts[t+1]]
     grid = (num_tokens, triton.cdiv(H * D, BLOCK))
-    segment_attn_bwd_reduce_kernel[grid](grad, order, starts, out, H * D, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    with launch.device_guard(grad.device):
+        segment_attn_bwd_reduce_kernel[grid](grad, order, starts, out, H * D, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out

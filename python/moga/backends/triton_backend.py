@@ -1,6 +1,8 @@
 """Triton backend: the fused segment-attention kernels of :mod:`moga.kernels.segment_attention`.
 
-Runs CUDA tensors on the GPU, or CPU tensors through the Triton interpreter (TRITON_INTERPRET=1, for tests).
+Runs CUDA tensors on the GPU (on the inputs' device, whichever is current), or CPU tensors through the Triton
+interpreter (TRITON_INTERPRET=1, for tests). Head dims: any D from 1 to 256 (tiles padded to the next of 32, 64,
+128, 256 with the extra columns masked; softmax scale from the real D). Dtypes: float16, bfloat16, float32.
 Neither the forward nor the backward synchronises with the host, and neither uses floating-point atomics:
 results are bitwise reproducible (deterministic mode needs nothing extra).
 """
@@ -16,9 +18,9 @@ import torch
 from moga.backends._autograd import segment_attention_autograd
 from moga.layout import SegmentLayout
 
-# The kernels' own tables (moga.kernels.segment_attention.configs), copied so that asking whether this backend can
+# The kernels' own limits (moga.kernels.segment_attention.configs), copied so that asking whether this backend can
 # run something does not import triton (a test checks the two agree).
-HEAD_DIMS = (32, 64, 128, 256)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -42,8 +44,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
         if t.device != q.device:
             return f"{name} on {t.device}, q on {q.device}: all on one device"
     D = q.shape[-1]
-    if D not in HEAD_DIMS:
-        return f"head dim {D} (supported: {HEAD_DIMS})"
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        return f"head dim {D} (supported: any head dim from {MIN_HEAD_DIM} to {MAX_HEAD_DIM})"
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
     return None

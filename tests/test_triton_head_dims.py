@@ -1,0 +1,208 @@
+"""The triton backend at head dims that are not tile widths, and the device guard of every Triton launch.
+
+Head dims other than 32, 64, 128, 256 are zero-padded on the host to the next tile width (see
+``moga.kernels.segment_attention.fwd``); these tests check forward and gradients against float64 references at
+such dims, that the padding never leaks (NaN-poisoned outputs, default softmax scale from the real D), and that
+every kernel launch runs at a compiled tile width, inside a device guard for q's device. Under the Triton
+interpreter (no GPU) inputs stay small: N <= 160, at most 2 query heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from moga import _alloc, group_attention
+from moga.backends import get_backend
+from moga.layout import SegmentLayout, routed_layout
+from moga.reference import group_attention_ref
+from tests.utils import TOL, as_double_leaves, qkv, rel_err
+
+triton_backend = get_backend("triton")
+pytestmark = pytest.mark.skipif(
+    triton_backend is None or not triton_backend.is_available(), reason="triton backend not available"
+)
+
+if triton_backend is not None and triton_backend.is_available():
+    from moga.kernels.segment_attention import launch, segment_attention_fwd, segment_attention_naive
+    from moga.kernels.segment_attention.configs import HEAD_DIMS, interpreting
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ODD_DIMS = [1, 8, 40, 59, 96, 111, 160, 224]
+
+
+def _ragged_layout(T: int, sizes: list[int], device: str = DEVICE) -> SegmentLayout:
+    """Tokens in shuffled groups of the given sizes (empty and single-token groups allowed), the rest padding."""
+    ids = torch.cat([torch.full((n,), g, dtype=torch.int64) for g, n in enumerate(sizes)])
+    ids = torch.cat([ids, torch.full((T - ids.numel(),), -1, dtype=torch.int64)])[torch.randperm(T)]
+    return routed_layout(ids.view(1, T, 1).to(device), len(sizes)).segments
+
+
+def _grads_vs_naive(q, k, v, layout: SegmentLayout, scale: float) -> dict[str, float]:
+    """Relative errors vs naive.py in float64 of out, lse and the token-space dq, dk, dv, with every kernel output
+    allocated NaN-poisoned (a NaN left anywhere fails the caller's tolerance)."""
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref, ref_lse = segment_attention_naive(q64, k64, v64, layout, scale)
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+    with _alloc.poisoned_outputs():
+        out, lse = segment_attention_fwd(q, k, v, layout, scale)
+        out_g = triton_backend.segment_attention(qg, kg, vg, layout, scale)
+        dout = torch.randn_like(out_g)
+        grads = torch.autograd.grad(out_g, (qg, kg, vg), dout)
+    assert out.shape == ref.shape
+    assert all(g.shape == t.shape and g.dtype == t.dtype for g, t in zip(grads, (q, k, v), strict=True))
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite.to(lse.device))
+    errors = {"out": rel_err(out, ref), "out_autograd": rel_err(out_g, ref)}
+    errors["lse"] = rel_err(lse[finite], ref_lse[finite])
+    errors.update({name: rel_err(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True)})
+    return errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", ODD_DIMS)
+def test_odd_head_dim_vs_naive(D: int, dtype: torch.dtype) -> None:
+    """Ragged, empty and single-token segments, padding tokens, GQA 2:1, a segment longer than one block."""
+    T = 100
+    layout = _ragged_layout(T, [70, 0, 1, 20])
+    q = torch.randn(T, 2, D, dtype=dtype, device=DEVICE)
+    k, v = (torch.randn(T, 1, D, dtype=dtype, device=DEVICE) for _ in range(2))
+    errors = _grads_vs_naive(q, k, v, layout, D**-0.5)
+    assert all(e < TOL[dtype] for e in errors.values()), errors
+
+
+def test_odd_head_dim_with_repeated_tokens() -> None:
+    """Non-unique queries and keys (per-position gradient rows summed per token) at an odd head dim."""
+    T, D = 40, 59
+    as_t = lambda x: torch.tensor(x, dtype=torch.int64, device=DEVICE)  # noqa: E731
+    layout = SegmentLayout(
+        q_index=as_t(list(range(0, 25)) + list(range(10, 30)) + [39]),
+        q_offsets=as_t([0, 25, 45, 46]),
+        k_index=as_t(list(range(0, 20)) + list(range(5, 40)) + [39]),
+        k_offsets=as_t([0, 20, 55, 56]),
+        num_tokens=T,
+        q_unique=False,
+        k_unique=False,
+    )
+    q, k, v = (torch.randn(T, 2, D, device=DEVICE) for _ in range(3))
+    errors = _grads_vs_naive(q, k, v, layout, 0.3)
+    assert all(e < TOL[torch.float32] for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 59), (torch.float16, 96)])
+def test_group_attention_odd_head_dim_vs_reference(dtype: torch.dtype, D: int) -> None:
+    """Public API, default softmax scale (1/sqrt of the real D, not of the padded width), GQA, padding tokens."""
+    B, N, Hq, Hkv = 1, 100, 2, 1
+    sizes = [50, 0, 1, 30]
+    ids = torch.cat([torch.full((n,), g, dtype=torch.int64) for g, n in enumerate(sizes)])
+    ids = torch.cat([ids, torch.full((N - ids.numel(),), -1, dtype=torch.int64)])[torch.randperm(N)]
+    ids = ids.view(B, N).to(DEVICE)
+    q, k, v = (t.detach().to(DEVICE).requires_grad_(True) for t in qkv(B, N, Hq, Hkv, D, dtype))
+    out = group_attention(q, k, v, ids, num_groups=len(sizes), backend="triton")
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref = group_attention_ref(q64, k64, v64, ids)
+    assert out.shape == q.shape and rel_err(out, ref) < TOL[dtype]
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert rel_err(g, r) < TOL[dtype], (name, rel_err(g, r))
+
+
+def test_bfloat16_odd_head_dim_within_twice_a_bf16_torch_implementation() -> None:
+    T, H, D = 100, 2, 80
+    layout = _ragged_layout(T, [60, 25, 1])
+    q, k, v = (torch.randn(T, H, D, dtype=torch.bfloat16, device=DEVICE).requires_grad_(True) for _ in range(3))
+    out = triton_backend.segment_attention(q, k, v, layout, D**-0.5)
+    bf16_ref, _ = segment_attention_naive(q, k, v, layout, D**-0.5)
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref, _ = segment_attention_naive(q64, k64, v64, layout, D**-0.5)
+    assert rel_err(out, ref) <= 2 * rel_err(bf16_ref, ref)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    bf16_grads = torch.autograd.grad(bf16_ref, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for name, g, b, r in zip(("dq", "dk", "dv"), grads, bf16_grads, ref_grads, strict=True):
+        assert rel_err(g, r) <= 2 * rel_err(b, r), (name, rel_err(g, r), rel_err(b, r))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launches: compiled tile widths only, each inside a device guard for q's device
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="records launches through the Triton interpreter")
+@pytest.mark.parametrize("D", [40, 64])
+def test_every_launch_is_guarded_and_at_a_tile_width(monkeypatch: pytest.MonkeyPatch, D: int) -> None:
+    """Forward and backward with repeated keys launch fwd, preprocess, dk/dv, dq and the per-token reduction; each
+    must run inside ``launch.device_guard(q.device)`` and with a head dim the compile check covers."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert interpreting()
+    guards: list[torch.device] = []  # the devices of the guards currently entered
+    launches: list[tuple[str, list[torch.device], object]] = []
+
+    @contextlib.contextmanager
+    def recording_guard(device: torch.device):
+        guards.append(device)
+        try:
+            yield
+        finally:
+            guards.pop()
+
+    real_run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        launches.append((self.fn.__name__, list(guards), kwargs.get("D")))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(launch, "device_guard", recording_guard)
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    T = 60
+    layout = SegmentLayout(
+        q_index=torch.arange(T),
+        q_offsets=torch.tensor([0, 30, T]),
+        k_index=torch.cat([torch.arange(30), torch.arange(20, T)]),  # tokens 20..29 are keys of both segments
+        k_offsets=torch.tensor([0, 30, 70]),
+        num_tokens=T,
+        q_unique=True,
+        k_unique=False,
+    )
+    q, k, v = (torch.randn(T, 2, D, requires_grad=True) for _ in range(3))
+    out = triton_backend.segment_attention(q, k, v, layout, D**-0.5)
+    torch.autograd.grad(out.sum(), (q, k, v))
+    names = {name for name, _, _ in launches}
+    assert names == {
+        "segment_attn_fwd_kernel",
+        "segment_attn_bwd_preprocess_kernel",
+        "segment_attn_bwd_dkdv_kernel",
+        "segment_attn_bwd_dq_kernel",
+        "segment_attn_bwd_reduce_kernel",
+    }, names
+    for name, active, width in launches:
+        assert active == [q.device], (name, active)
+        assert width is None or width in HEAD_DIMS, (name, width)  # None: the reduction takes flat rows
+
+
+def test_device_guard_targets_the_tensor_device() -> None:
+    """CUDA devices get torch.cuda.device of that index (made current around the launch); CPU needs no guard."""
+    guard = launch.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(launch.device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("D", [64, 40])
+def test_inputs_on_a_device_that_is_not_current(D: int) -> None:
+    """Tensors on cuda:1 while cuda:0 is current: results on cuda:1 match the reference, cuda:0 stays current."""
+    device = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    T = 300
+    layout = _ragged_layout(T, [150, 0, 1, 100], device=str(device))
+    q, k, v = (torch.randn(T, 2, D, dtype=torch.float16, device=device) for _ in range(3))
+    errors = _grads_vs_naive(q, k, v, layout, D**-0.5)
+    torch.cuda.synchronize(device)
+    assert torch.cuda.current_device() == 0
+    assert all(e < TOL[torch.float16] for e in errors.values()), errors
