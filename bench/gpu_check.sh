@@ -79,7 +79,7 @@ NEXT=0 # index in STEPS of the next step: steps run (or are skipped) in plan ord
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export CC_GPU
-CC_GPU=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')
+CC_GPU=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')
 if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
   case "$CC_GPU" in
     9.0) TORCH_CUDA_ARCH_LIST=9.0a ;; # Hopper: wgmma / setmaxnreg need the sm_90a target
@@ -224,8 +224,8 @@ else:
     fi
     echo "nvcc: $(nvcc --version 2>&1 | tail -1)"
     echo "compute-sanitizer: ${SANITIZER:-not found}"
-    nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
-    nvidia-smi 2>&1
+    timeout 20 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+    timeout 20 nvidia-smi 2>&1
   } >"$OUT/env.txt"
   head -12 "$OUT/env.txt"
 }

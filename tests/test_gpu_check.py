@@ -110,13 +110,15 @@ def test_dry_run_failure_and_hang_are_recorded_and_later_steps_still_run(tmp_pat
         GPU_CHECK_DRY_FAIL="ceiling:3 test_cuda:1",
         GPU_CHECK_DRY_HANG="bench",
         GPU_CHECK_CAP_bench="3",
+        GPU_CHECK_ONLY=" ".join(s for s in STEPS if s != "test_large"),
     )
     by_name = {r[0]: r for r in rows}
     assert [r[0] for r in rows] == STEPS, summary
     assert by_name["ceiling"][3] == "3" and by_name["test_cuda"][3] == "1"
     bench = by_name["bench"]
     assert bench[3] in ("124", "137") and "TIMED OUT" in bench[5] and int(bench[4]) <= 3 + 6
-    assert all(by_name[n][3] == "0" for n in ("test_triton", "test_large", "memcheck", "tile_sweep", "report"))
+    assert all(by_name[n][3] == "0" for n in ("test_triton", "memcheck", "tile_sweep", "report"))
+    assert by_name["test_large"][3] == "-" and "not in GPU_CHECK_ONLY" in by_name["test_large"][5]
     assert "build arch: 8.0 " in summary  # an sm_80 device gets sm_80 code only
 
 
