@@ -13,6 +13,8 @@ A GPU test (skipped without CUDA) runs torch's real varlen_attn against the floa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -258,6 +260,17 @@ def test_window_layout_with_context_frames(calls, float64_ok, dtype):
         leaves,
         dtype,
     )
+    # The window layout's host-known bounds size the launch, not the totals: a window of 4 queries, plus one
+    # context frame on each side for the keys.
+    assert all(c["max_q"] == 4 and c["max_k"] == 12 for c in calls)
+
+
+def test_layout_bounds_are_checked_on_the_device(calls, float64_ok):
+    T = 10
+    layout = dataclasses.replace(_layout([3, 4], [3, 5], T), max_q_len=3)  # wrong: a query segment of 4
+    q = torch.randn(T, 2, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="longer than max_q"):
+        varlen_backend.segment_attention(q, q, q, layout, 0.25)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -351,13 +364,31 @@ def test_seqlen_bounds_are_passed_and_checked(calls, float64_ok):
 def test_int32_and_grid_limits_are_refused(calls, float64_ok, monkeypatch):
     layout = _layout([3, 4], [3, 5], 10)
     q = torch.randn(10, 2, 16, dtype=torch.float64)
-    monkeypatch.setattr(varlen_backend, "INT32_MAX", 7)
+    assert varlen_backend.unsupported_reason(q, q, q, layout) is None
+    monkeypatch.setattr(varlen_backend, "INT32_MAX", 8 + 128 * 3 - 1)  # Lk + 128 per sequence (2 + tail)
     with pytest.raises(ValueError, match="int32"):
         varlen_backend.segment_attention(q, q, q, layout, 0.25)
-    monkeypatch.setattr(varlen_backend, "INT32_MAX", 2**31 - 1)
+    assert "int32" in varlen_backend.unsupported_reason(q, q, q, layout)
+    monkeypatch.setattr(varlen_backend, "INT32_MAX", 8 + 128 * 3)
+    varlen_backend.segment_attention(q, q, q, layout, 0.25)
     monkeypatch.setattr(varlen_backend, "MAX_SEQUENCES", 2)
     with pytest.raises(ValueError, match="grid limit"):
         varlen_backend.segment_attention(q, q, q, layout, 0.25)
+    assert "grid limit" in varlen_backend.unsupported_reason(q, q, q, layout)
+
+
+def test_auto_skips_varlen_for_a_layout_beyond_its_limits(calls, float64_ok, monkeypatch):
+    monkeypatch.setitem(AUTO_ORDER, "cpu", ("varlen", "torch"))
+    monkeypatch.setattr(varlen_backend, "MAX_SEQUENCES", 4)
+    q, k, v = _leaves(1, 12, 2, 2, 16, torch.float64)
+    ids = _ragged_ids(1, 12, 4)
+    out = moga.group_attention(q, k, v, ids, num_groups=3)  # 3 segments + tail fit: varlen
+    assert len(calls) == 1
+    out = moga.group_attention(q, k, v, ids, num_groups=4)  # 4 + tail do not: auto takes torch
+    assert len(calls) == 1
+    assert rel_err(out, group_attention_ref(q, k, v, ids)) <= 1e-12
+    with pytest.raises(ValueError, match="grid limit"):
+        moga.group_attention(q, k, v, ids, num_groups=4, backend="varlen")
 
 
 # --- deterministic mode ------------------------------------------------------------------------------------------

@@ -37,6 +37,10 @@ class SegmentLayout:
         q_unique: each token row occurs at most once in ``q_index[:q_offsets[S]]`` (true for top-1
             routing), so kernels may scatter query gradients without accumulation.
         k_unique: the same for ``k_index``.
+        max_q_len: optional host-known upper bound of the longest query segment (``max(diff(q_offsets))``),
+            when the builder knows one without reading device memory (window layouts do). Kernels that size a
+            launch by the longest segment (the varlen backend) use it instead of Lq. None: unknown.
+        max_k_len: the same for key segments.
     """
 
     q_index: torch.Tensor
@@ -46,6 +50,8 @@ class SegmentLayout:
     num_tokens: int
     q_unique: bool = True
     k_unique: bool = True
+    max_q_len: int | None = None
+    max_k_len: int | None = None
 
     @property
     def num_segments(self) -> int:

@@ -167,6 +167,9 @@ def window_layout(
         num_tokens=batch * N,
         q_unique=True,
         k_unique=len(seg_parts) == 1,
+        # Host-known bounds of the longest segment (a full window; its keys add c context frames on each side).
+        max_q_len=min(wt, T) * min(wh, H) * min(ww, W),
+        max_k_len=(min(wt, T) + 2 * context_frames) * min(wh, H) * min(ww, W),
     )
     return RoutedLayout(segments=segments, position=inverse_permutation(q_order).to(device), top_k=1)
 

@@ -100,7 +100,7 @@ def select_backend(
             mod = get_backend(name)
             if mod is None or not mod.is_available():
                 continue
-            reason = mod.unsupported_reason(q, k, v)
+            reason = _unsupported_reason(mod, q, k, v, layout)
             if reason is None:
                 return mod
             reasons.append(f"{name}: {reason}")
@@ -112,10 +112,19 @@ def select_backend(
             f"backend {backend!r} is not available in this installation{f' ({why})' if why else ''} "
             f"({available_backends()=})"
         )
-    reason = mod.unsupported_reason(q, k, v)
+    reason = _unsupported_reason(mod, q, k, v, layout)
     if reason is not None:
         raise ValueError(f"backend {backend!r} cannot run these inputs: {reason}")
     return mod
+
+
+def _unsupported_reason(
+    mod: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout | None
+) -> str | None:
+    """The backend's reason, with the layout for backends whose limits depend on it (``REASONS_USE_LAYOUT``)."""
+    if layout is not None and getattr(mod, "REASONS_USE_LAYOUT", False):
+        return mod.unsupported_reason(q, k, v, layout)
+    return mod.unsupported_reason(q, k, v)
 
 
 for _name in BACKEND_NAMES:

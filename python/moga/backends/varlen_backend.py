@@ -12,13 +12,16 @@ segment ("tail" positions, e.g. routing entries of padding tokens) get zero rows
 of a segment without keys.
 
 No host synchronisation. varlen_attn needs host integers ``max_q``/``max_k`` (the longest query/key segment);
-the exact values would need a device-to-host copy, so the backend passes host-known bounds: Lq and Lk, the total
-number of query/key positions. A bound larger than the real maximum is correct (FlashAttention sizes its grid
-as ceil(max_q / 128) x (segments + 1) x heads, and programs past a segment's end exit at once) but costs empty
-programs: about (S + 1) * Lq / 128 * Hq of them, negligible for a few long segments (routed groups) and
-noticeable for thousands of short ones (window layouts). Callers that know a tighter bound pass it with
-:func:`seqlen_bounds`; it is checked on the device (``torch._assert_async``), never read back. A constant bound
-also keeps cuDNN's graph cache (keyed on max_q/max_k) warm across steps.
+the exact values would need a device-to-host copy, so the backend passes host-known bounds: the layout's
+``max_q_len``/``max_k_len`` where its builder knows them (window layouts: the window volume, plus the context
+frames for keys), else Lq and Lk, the total number of query/key positions. A bound larger than the real maximum
+is correct (FlashAttention sizes its grid as ceil(max_q / 128) x (segments + 1) x heads, and programs past a
+segment's end exit at once; its memory does not depend on the bound) but costs empty programs: with the total as
+bound about (S + 1) * Lq / 128 * Hq of them, negligible for a few long segments (routed groups, S = B * M) and
+prohibitive for thousands of short ones, which is why window layouts carry their bound. Callers that know a
+tighter bound pass it with :func:`seqlen_bounds`. Every bound other than the totals is checked on the device
+(``torch._assert_async``), never read back. A bound that does not change between steps also keeps cuDNN's graph
+cache (keyed on max_q/max_k) warm.
 
 Heads: where the installed varlen_attn has ``enable_gqa`` (torch >= 2.12) GQA runs natively; otherwise the gather
 expands each kv head to its Hq / Hkv query heads (one gather of an expanded view, no extra pass). Head dims up
@@ -107,8 +110,15 @@ def is_available() -> bool:
     return _TORCH_VARLEN is not None and torch.cuda.is_available()
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why these flattened (T, H, D) inputs cannot run here, from host metadata only; None if they can."""
+# select_backend passes the layout to unsupported_reason (size limits that depend on it).
+REASONS_USE_LAYOUT = True
+
+
+def unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout | None = None
+) -> str | None:
+    """Why these flattened (T, H, D) inputs (and this layout, if given) cannot run here, from host metadata only;
+    None if they can."""
     if _impl() is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -127,6 +137,25 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
             "deterministic mode: varlen_attn's backward accumulates with floating-point atomics (FlashAttention-2 "
             "dq unless torch.use_deterministic_algorithms(True); cuDNN always) and so does the gathers' gradient "
             "scatter for repeated tokens; use backend='triton'"
+        )
+    return None if layout is None else _layout_reason(layout)
+
+
+def _layout_reason(layout: SegmentLayout) -> str | None:
+    """Size limits of varlen_attn that depend on the layout (host-known sizes only)."""
+    Lq, Lk = layout.q_index.numel(), layout.k_index.numel()
+    # cu_seqlens are int32, and FlashAttention-2's backward sizes its dq accumulator as total + 128 * sequences
+    # in int: both must stay below 2^31.
+    padded = 128 * (layout.num_segments + 1)
+    if max(Lq, Lk) + padded > INT32_MAX:
+        return (
+            f"{Lq} query / {Lk} key positions (+{padded} of FlashAttention's per-sequence padding) exceed "
+            f"varlen_attn's int32 sizes (at most {INT32_MAX})"
+        )
+    if layout.num_segments + 1 > MAX_SEQUENCES:
+        return (
+            f"{layout.num_segments} segments (+1 for the tail) exceed FlashAttention's grid limit of "
+            f"{MAX_SEQUENCES} sequences per call"
         )
     return None
 
@@ -173,17 +202,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Seg
             raise ValueError(f"layout.{name} must be a 1-D int64 tensor on {q.device}, got {t.dtype} on {t.device}")
     if layout.k_offsets.numel() != layout.q_offsets.numel():
         raise ValueError("layout.q_offsets and layout.k_offsets must have the same length (S + 1)")
-    Lq, Lk = layout.q_index.numel(), layout.k_index.numel()
-    if max(Lq, Lk) > INT32_MAX:
-        raise ValueError(
-            f"varlen backend: {Lq} query / {Lk} key positions exceed varlen_attn's int32 cu_seqlens "
-            f"(at most {INT32_MAX}); use backend='triton'"
-        )
-    if layout.num_segments + 1 > MAX_SEQUENCES:
-        raise ValueError(
-            f"varlen backend: {layout.num_segments} segments (+1 for the tail) exceed FlashAttention's grid limit "
-            f"of {MAX_SEQUENCES} sequences per call; use backend='triton'"
-        )
+    reason = _layout_reason(layout)
+    if reason is not None:
+        raise ValueError(f"varlen backend cannot run this layout: {reason}; use backend='triton'")
     return layout
 
 
@@ -254,6 +275,10 @@ def segment_attention(
         kwargs["enable_gqa"] = True
 
     override_q, override_k = getattr(_bounds, "value", (None, None))
+    if override_q is None:
+        override_q = layout.max_q_len
+    if override_k is None:
+        override_k = layout.max_k_len
     max_q = _bound(Lq, override_q, layout.q_offsets, "max_q")
     max_k = _bound(Lk, override_k, layout.k_offsets, "max_k")
     cu_q = _cu_seqlens(layout.q_offsets, Lq)
