@@ -218,3 +218,38 @@ def test_tile_sweep_cli_list_and_refusals(capsys, tmp_path):
         assert ts.main(["--json", str(tmp_path / "x.json")]) == 2
         assert "needs a CUDA device" in capsys.readouterr().err
         assert not (tmp_path / "x.json").exists()
+
+
+def test_tile_sweep_gpu_measure_through_the_interpreter(monkeypatch, tmp_path):
+    """GpuMeasure's inputs, override use, entry-point calls and reference comparison, run on CPU tensors through the
+    Triton interpreter with the timer stubbed (the interpreter runs its own tile config, so every row matches)."""
+    torch = pytest.importorskip("torch")
+    triton_testing = pytest.importorskip("triton.testing")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (CPU machines: tests/conftest.py sets it)")
+    ts = _tile_sweep()
+    from moga.kernels.segment_attention import configs
+
+    entered = []
+    real_override = configs.override
+
+    def recording_override(kernel, head_dim, dtype, cfg):
+        entered.append((kernel, head_dim, dtype, cfg))
+        return real_override(kernel, head_dim, dtype, cfg)
+
+    monkeypatch.setattr(configs, "override", recording_override)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, **kw: (fn(), 2.0)[1])
+    cases = ts.build_candidates(hopper=True, head_dims=(64,), kernels=("fwd", "dkdv"))
+    cases.append(ts.Candidate("dkdv", 64, 16, 32, 4, 1, "extra"))
+    rows = ts.sweep(
+        cases, ts.GpuMeasure(ts.Problem(192, 3, 1), device="cpu"), str(tmp_path / "s.json"), {}, ts.Problem(192, 3, 1)
+    )
+    assert [r.status for r in rows] == ["ok"] * 3, [r.error for r in rows]
+    assert [r.rel_diff_vs_production for r in rows] == [0.0] * 3
+    assert rows[0].tflops == pytest.approx(4 * 3 * 64**2 * 64 / 2e-3 / 1e12)  # 3 groups of 64 tokens, 2 ms
+    assert rows[1].timed.startswith("segment_attention_bwd")
+    assert [(k, d, c.block_m, c.block_n) for k, d, _, c in entered] == [
+        (c.kernel, 64, c.block_m, c.block_n) for c in cases
+    ]
+    assert all(dtype == torch.bfloat16 for _, _, dtype, _ in entered)
