@@ -65,6 +65,7 @@ def test_methods_list_the_varlen_recipe_and_backend(monkeypatch) -> None:
     assert methods["group_attention[varlen]"].skip_reason is None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen_attn is CUDA-only)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_varlen_recipe_matches_reference(dtype) -> None:

@@ -434,6 +434,7 @@ def test_auto_skips_varlen_in_deterministic_mode(calls, float64_ok, monkeypatch)
 # --- the real kernel (GPU only) ----------------------------------------------------------------------------------
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen_attn is CUDA-only)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hkv", [4, 2])
@@ -463,6 +464,7 @@ def test_gpu_varlen_matches_reference(dtype, hkv):
         assert err <= bound, f"{name}: rel err {err:.3e}, torch backend {torch_err:.3e}"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen_attn is CUDA-only)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 40])
