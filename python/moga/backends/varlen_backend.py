@@ -16,7 +16,8 @@ the exact values would need a device-to-host copy, so the backend passes host-kn
 ``max_q_len``/``max_k_len`` where its builder knows them (window layouts: the window volume, plus the context
 frames for keys), else Lq and Lk, the total number of query/key positions. A bound larger than the real maximum
 is correct (FlashAttention sizes its grid as ceil(max_q / 128) x (segments + 1) x heads, and programs past a
-segment's end exit at once; its memory does not depend on the bound) but costs empty programs: with the total as
+segment's end exit at once; FlashAttention-2's buffers are sized by the totals, not the bound) but costs empty
+programs: with the total as
 bound about (S + 1) * Lq / 128 * Hq of them, negligible for a few long segments (routed groups, S = B * M) and
 prohibitive for thousands of short ones, which is why window layouts carry their bound. Callers that know a
 tighter bound pass it with :func:`seqlen_bounds`. Every bound other than the totals is checked on the device
@@ -34,7 +35,7 @@ expanded GQA heads k and v count Hq heads) live until backward; the output and i
 
 Deterministic mode (``deterministic=True`` or ``torch.use_deterministic_algorithms(True)``): refused, and
 ``backend="auto"`` skips this backend. FlashAttention-2's backward accumulates dq with floating-point atomics
-unless torch's global flag is set, cuDNN's backward is not deterministic at all, and with repeated tokens
+unless torch's global flag is set, torch itself treats cuDNN attention as non-deterministic, and with repeated tokens
 (top_k > 1, context frames) the gathers' gradient scatter is an atomic index_add on CUDA.
 
 Testing without a GPU: :data:`varlen_attn_override` replaces varlen_attn by any callable with its signature
