@@ -34,7 +34,7 @@
 # Knobs: PYTHON (default python3); GPU_CHECK_SECONDS (overall limit, default the plan's sum); GPU_CHECK_CAP_<step>
 # (e.g. GPU_CHECK_CAP_bench=200); GPU_CHECK_SKIP_BUILD=1 (use the build already there); GPU_CHECK_BENCH_ARGS (the
 # bench's case arguments, replacing the default below); GPU_CHECK_TEST_TIMEOUT (per test, default 45 s); MAX_JOBS;
-# TORCH_CUDA_ARCH_LIST; GPU_CHECK_COMMIT (the commit to record, where the copy has no .git); GPU_CHECK_ONLY="step ..."
+# GPU_CHECK_ARCH (the build's TORCH_CUDA_ARCH_LIST, default the device's own); GPU_CHECK_COMMIT (the commit to record, where the copy has no .git); GPU_CHECK_ONLY="step ..."
 # (run only these steps, the others listed as skipped), e.g. a second call on the warm machine for more of the bench:
 #   GPU_CHECK_SKIP_BUILD=1 GPU_CHECK_ONLY="env import bench report" GPU_CHECK_CAP_bench=300 \
 #     GPU_CHECK_BENCH_ARGS="--n 131072 32768 8192 --m 8 --dist balanced zipf" bash bench/gpu_check.sh
@@ -80,7 +80,11 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export CC_GPU
 CC_GPU=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')
-if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+# The device's own architecture only (an inherited TORCH_CUDA_ARCH_LIST, e.g. an image's list of many, is replaced:
+# GPU_CHECK_ARCH chooses another).
+if [[ -n "${GPU_CHECK_ARCH:-}" ]]; then
+  TORCH_CUDA_ARCH_LIST=$GPU_CHECK_ARCH
+else
   case "$CC_GPU" in
     9.0) TORCH_CUDA_ARCH_LIST=9.0a ;; # Hopper: wgmma / setmaxnreg need the sm_90a target
     [0-9].[0-9] | 1[0-9].[0-9]) TORCH_CUDA_ARCH_LIST=$CC_GPU ;;

@@ -25,8 +25,10 @@ SUMMARY="$OUT/summary.txt"
 START=$(date +%s)
 BUDGET=${SANITIZE_SECONDS:-300}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
-  CC_GPU=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')
+if [[ -n "${GPU_CHECK_ARCH:-}" ]]; then
+  TORCH_CUDA_ARCH_LIST=$GPU_CHECK_ARCH
+else
+  CC_GPU=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')
   case "$CC_GPU" in
     9.0) TORCH_CUDA_ARCH_LIST=9.0a ;;
     [0-9].[0-9] | 1[0-9].[0-9]) TORCH_CUDA_ARCH_LIST=$CC_GPU ;;

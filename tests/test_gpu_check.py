@@ -58,7 +58,8 @@ def _run_dry(tmp_path, compute_cap: str = "9.0", **env_extra: str) -> tuple[list
     smi.write_text(FAKE_NVIDIA_SMI.format(cc=compute_cap))
     smi.chmod(0o755)
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_") and k != "TORCH_CUDA_ARCH_LIST"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
+    env["TORCH_CUDA_ARCH_LIST"] = "7.0;7.5;8.0;8.6;9.0+PTX"  # an inherited list gives way to the device's own
     env.update(
         PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
         OUT=str(out),
