@@ -26,7 +26,7 @@ D = 128
 NUM_GROUPS = 5
 # Group sizes among the last TAIL tokens (id -1: padding); group 3 stays empty.
 TAIL_SIZES = {0: 1900, 1: 1, 2: 1500, 4: 595, -1: 100}
-BACKENDS = ("triton", "cuda", "varlen")  # the GPU kernels; those available here run, the others skip
+BACKENDS = ("triton", "varlen", "cuda")  # the GPU kernels (cuda last: an illegal address would poison later tests)
 TENSORS_NEEDED = 18  # q, k, v, dout, outputs, gradients, a backend's permuted copies: in units of one q's bytes
 
 pytestmark = [
@@ -57,11 +57,10 @@ def _tail_ids(gen: torch.Generator) -> torch.Tensor:
     return ids[torch.randperm(TAIL, generator=gen)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_group_attention_past_2_31_elements(backend: str) -> None:
-    reason = _skip_reason(backend)
-    if reason:
-        pytest.skip(reason)
+def _problems(backend: str) -> list[str]:
+    """Run forward and backward past 2^31 elements and list what is wrong (empty: all correct). The checks are
+    collected, not asserted, so that a failure does not keep ~50 GB of tensors alive in its traceback for the next
+    backend's test."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(1, T, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
     assert q.numel() > 2**31
@@ -85,12 +84,30 @@ def test_group_attention_past_2_31_elements(backend: str) -> None:
     base = moga.group_attention(qb, kb, vb, tail_ids, num_groups=NUM_GROUPS, backend="torch")
     base_grads = torch.autograd.grad(base, (qb, kb, vb), dout[:, tail])
 
+    problems = []
     checks = [("out", out.detach(), ref, base)]
     checks += list(zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref_grads, base_grads, strict=True))
     for name, got, want, bf16 in checks:
-        assert got.shape == (1, T, 1, D) and got.dtype == torch.bfloat16, name
-        assert not got.isnan().any(), f"{name}: unwritten (NaN) elements"
-        assert torch.count_nonzero(got[:, : T - TAIL]) == 0, f"{name}: tokens of no group must be exactly zero"
-        assert torch.count_nonzero(got[:, tail][tail_ids < 0]) == 0, f"{name}: padding tokens must be exactly zero"
+        if got is None or got.shape != (1, T, 1, D) or got.dtype != torch.bfloat16:
+            problems.append(f"{name}: {None if got is None else (tuple(got.shape), got.dtype)}")
+            continue
+        if got.isnan().any():
+            problems.append(f"{name}: unwritten (NaN) elements")
+        if torch.count_nonzero(got[:, : T - TAIL]):
+            problems.append(f"{name}: tokens of no group must be exactly zero")
+        if torch.count_nonzero(got[:, tail][tail_ids < 0]):
+            problems.append(f"{name}: padding tokens must be exactly zero")
         err, bf16_err = rel_err(got[:, tail], want), rel_err(bf16, want)
-        assert err <= 2 * bf16_err, f"{name}: rel err {err:.3e} > 2 x bf16 PyTorch's {bf16_err:.3e}"
+        if not err <= 2 * bf16_err:
+            problems.append(f"{name}: rel err {err:.3e} > 2 x bf16 PyTorch's {bf16_err:.3e}")
+    return problems
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_attention_past_2_31_elements(backend: str) -> None:
+    reason = _skip_reason(backend)
+    if reason:
+        pytest.skip(reason)
+    problems = _problems(backend)
+    torch.cuda.empty_cache()
+    assert not problems, f"{backend}: " + "; ".join(problems)
