@@ -141,6 +141,8 @@ def test_with_kmeans_labels_and_custom_scale():
         ({"top_p": 1.5}, ValueError),
         ({"min_clusters": 0}, ValueError),
         ({"num_q_clusters": 2}, ValueError),  # labels go up to 3
+        ({"num_k_clusters": 11}, ValueError),  # more clusters than tokens
+        ({"k_labels": torch.full((1, 10), 10**9)}, ValueError),  # sparse ids
         ({"q_labels": torch.zeros(1, 10)}, TypeError),
         ({"q_labels": torch.zeros(1, 9, dtype=torch.long)}, ValueError),
         ({"q_labels": torch.zeros(1, 10, 2, dtype=torch.long)}, ValueError),  # per-head q, shared k

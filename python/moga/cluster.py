@@ -196,7 +196,7 @@ def cluster_attention(
         min_clusters: every query cluster attends to at least this many (non-empty) key clusters.
         softmax_scale: defaults to D ** -0.5.
         backend, deterministic: see :func:`moga.group_attention`.
-        num_q_clusters, num_k_clusters: cluster counts; default max label + 1 (one host read each).
+        num_q_clusters, num_k_clusters: cluster counts, at most N; default max label + 1 (one host read each).
 
     Returns: (B, N, Hq, D), dtype of q; differentiable in q, k and v (the choice of clusters is not).
     Synchronises with the GPU once (the number of chosen keys sizes the key index).
@@ -209,6 +209,8 @@ def cluster_attention(
     _check_labels("k_labels", k_labels, (B, N, Hkv) if per_head else (B, N), q.device)
     Mq = _num_clusters("q", q_labels, num_q_clusters)
     Mk = _num_clusters("k", k_labels, num_k_clusters)
+    if max(Mq, Mk) > max(N, 1):  # the centroid work is O(N * M): cluster ids must be dense
+        raise ValueError(f"cluster counts ({Mq}, {Mk}) must not exceed N={N}: use dense ids in [0, N)")
     ql = torch.where(q_labels < 0, -1, q_labels.long())
     kl = torch.where(k_labels < 0, -1, k_labels.long())
     if per_head:  # heads become batch rows (b, h) -> b * Hq + h, each with one head
