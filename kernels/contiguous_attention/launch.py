@@ -1,0 +1,46 @@
+"""Launch helpers shared by the contiguous kernels: device guard, TMA scratch allocator, input checks."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+
+from moga.kernels.contiguous_attention.configs import DTYPES, HEAD_DIMS, interpreting
+
+LOG2E = 1.4426950408889634
+
+
+def use_upcast(dtype: torch.dtype) -> bool:
+    """The Triton interpreter's bf16 tl.dot is wrong: there (only) bf16 tiles are upcast to fp32."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # Device-side tensor descriptors are written to global scratch memory that Triton asks the allocator for.
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device`` (not the current CUDA device), with the descriptor scratch allocator installed."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    triton.set_allocator(_tma_scratch)
+    return torch.cuda.device(device)
+
+
+def check_contiguous_inputs(*tensors: tuple[str, torch.Tensor]) -> None:
+    """Every (name, tensor): 3-D (rows, heads, D), contiguous, 16-byte aligned base, a supported dtype and head
+    dim (TMA needs a 16-byte aligned base and 16-byte multiple row strides), fewer than 2^31 rows."""
+    for name, t in tensors:
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (rows, heads, headdim), got {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name}: contiguous kernels take float16 or bfloat16, got {t.dtype}")
+        if t.shape[-1] not in HEAD_DIMS:
+            raise ValueError(f"{name}: contiguous kernels support head dims {HEAD_DIMS}, got {t.shape[-1]}")
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            raise ValueError(f"{name} must be contiguous with a 16-byte aligned base")
+        if t.shape[0] >= 2**31:
+            raise ValueError(f"{name} has {t.shape[0]} rows: TMA coordinates are 32-bit (< 2^31 rows)")
