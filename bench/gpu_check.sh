@@ -236,7 +236,7 @@ else:
 export -f record_env
 
 report() {
-  "$PYTHON" - "$OUT" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+  "$PYTHON" - "$OUT" <<'EOF' 2>&1 | tee -a "$SUMMARY" "$REPORT_COPY"
 import json, os, sys
 out = sys.argv[1]
 try:
@@ -247,9 +247,12 @@ try:
             frac = f"{100 * r['fraction_of_matmul']:.0f}%" if r.get("fraction_of_matmul") else "-"
             dense = f"{r['speedup_vs_dense']:.2f}" if r.get("speedup_vs_dense") else "-"
             print(f"  {r['n']:>7} {r['method']:28s} {r['mode']:8s} {r['median_ms']:10.2f} {r['tflops']:7.1f} {frac:>5} {dense:>6}")
-    bad = [r for r in doc["results"] if r["status"] == "error"]
-    for r in bad:
-        print(f"  ERROR {r['n']} {r['method']} {r['mode']}: {r['reason']}")
+    for r in doc["results"]:
+        if r["status"] in ("error", "check_failed"):
+            print(f"  {r['status'].upper()} {r['n']} {r['method']} {r['mode']}: {r['reason']}")
+    for c in doc.get("check", []):
+        if not c.get("ok", True):
+            print(f"  CHECK FAILED: {c}")
 except (OSError, ValueError, KeyError) as exc:
     print(f"\nbench.json: {type(exc).__name__}: {exc}")
 try:
@@ -326,7 +329,9 @@ fi
 # shellcheck disable=SC2016  # expanded by the inner bash, after step sets STEP_LIMIT
 step tile_sweep bash -c '"$PYTHON" bench/tile_sweep.py --json "$OUT/tile_sweep.json" --max-seconds $((STEP_LIMIT - 5))'
 
+export REPORT_COPY="${TMPDIR:-/tmp}/gpu_check_report.$$"
 step report bash -c report
+[[ -f $REPORT_COPY ]] && cat "$REPORT_COPY" && rm -f "$REPORT_COPY" # the figures at the end of the call's output too
 
 if ((NEXT != ${#STEPS[@]})); then
   echo "gpu_check: planned steps never reached: ${STEPS[*]:$NEXT}" | tee -a "$SUMMARY" >&2
