@@ -304,14 +304,14 @@ step bench "$PYTHON" -m moga.bench --device cuda "${BENCH_ARGS[@]}" --json "$OUT
 tests() {
   local name=$1 f files=()
   shift
-  for f in "$@"; do [[ -f $f ]] && files+=("$f"); done
+  for f in "$@"; do [[ -f $f && " ${files[*]} " != *" $f "* ]] && files+=("$f"); done
   if ((${#files[@]})); then
     step "$name" "${PYTEST[@]}" "${files[@]}"
   else
     skip "$name" "no test files"
   fi
 }
-tests test_triton tests/test_*triton*.py
+tests test_triton tests/test_triton_segment_attention.py tests/test_triton_tma.py tests/test_*triton*.py # core first
 tests test_cuda tests/test_*cuda*.py tests/test_*varlen*.py tests/test_optional_backends.py
 tests test_large tests/test_gpu_large.py
 

@@ -26,7 +26,7 @@ D = 128
 NUM_GROUPS = 5
 # Group sizes among the last TAIL tokens (id -1: padding); group 3 stays empty.
 TAIL_SIZES = {0: 1900, 1: 1, 2: 1500, 4: 595, -1: 100}
-BACKENDS = ("triton", "varlen", "cuda")  # the GPU kernels (cuda last: an illegal address would poison later tests)
+BACKENDS = ("triton", "triton_tma", "varlen", "cuda")  # GPU kernels (cuda last: an illegal address poisons the rest)
 TENSORS_NEEDED = 18  # q, k, v, dout, outputs, gradients, a backend's permuted copies: in units of one q's bytes
 
 pytestmark = [
