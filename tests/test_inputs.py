@@ -122,6 +122,49 @@ def test_huge_group_ids(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_num_groups_past_n_gives_the_same_result_as_dense_ids(backend):
+    """Ids are labels: with num_groups far above N (compacted per row on the device) or with more distinct ids
+    in the batch than tokens in a row (num_groups=None), output and gradients equal those of the same partition
+    given as small dense ids, bit for bit, and match the float64 reference. (N = 14: past N the layout has one
+    segment per token, which the Triton interpreter pays for.)"""
+    n = 14
+    small = torch.randint(-1, 6, (B, n))
+    small[1] = torch.arange(n) % 7 - 1  # row 1: every group, one padding token in seven
+    labels = torch.tensor([2**62, 10**12, 3, 2**40 + 5, 999_999_999, 17])  # group g -> a large label
+    relabelled = torch.where(small < 0, small, labels[small.clamp(min=0)])
+    relabelled[1] += (small[1] >= 0).long()  # row 1 uses other labels than row 0: 12 distinct ids in the batch
+    q, k, v = (torch.randn(B, n, H, D, requires_grad=True) for _ in range(3))
+    dout = torch.randn(B, n, H, D)
+
+    def run(ids, num_groups):
+        out = moga.group_attention(q, k, v, ids, num_groups=num_groups, backend=backend)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    want = run(small, 6)
+    cases = [(small, 10**9), (relabelled, 2**63), (relabelled, None)]
+    if backend == "triton":  # the relabelling is backend-independent; the interpreter checks one case (time)
+        cases = cases[1:2]
+    for ids, num_groups in cases:
+        for got, w in zip(run(ids, num_groups), want, strict=True):
+            torch.testing.assert_close(got, w, rtol=0, atol=0)
+    if backend != "triton":
+        _check_group(backend, q, k, v, relabelled, num_groups=2**62 + 2)
+
+
+def test_compacted_ids_keep_each_rows_partition():
+    from moga.functional import _dense_group_ids
+
+    ids = torch.tensor([[5, 10**15, 5, -1, 7, 10**15], [-2, -2, 0, 0, 0, 3]])
+    dense, G = _dense_group_ids(ids, 10**15 + 1)
+    assert G == ids.shape[1] and dense.dtype == torch.int64
+    assert ((dense >= 0) & (dense < G) | (dense == -1)).all()
+    for row_ids, row_dense in zip(ids, dense, strict=True):
+        same = row_ids[:, None] == row_ids[None, :]
+        assert torch.equal(row_dense[:, None] == row_dense[None, :], same)  # same partition
+        assert torch.equal(row_dense < 0, row_ids < 0)  # padding stays padding
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_ids_and_logits(backend):
     ids = torch.randint(0, 3, (N, B)).t()  # (B, N) transposed view
     logits = torch.randn(B, 4, N).transpose(1, 2)  # (B, N, M) from a (B, M, N) router output

@@ -19,26 +19,51 @@ from moga.layout import RoutedLayout, routed_layout
 from moga.router import route_tokens
 
 
+def _compact_per_row(ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) int64 ids, negative for padding -> ids in [0, N) that partition each row the same way.
+
+    A row holds at most N distinct ids, so its groups can be renumbered by rank among the row's distinct
+    values: one sort per row on the device (O(N log N) time, O(N) memory, no host synchronisation). Padding
+    may take rank 0 (it sorts first); real ids then start at 1, still below N. Group attention depends only
+    on the partition, not on the id values, and stable sorting keeps every group's tokens in token order.
+    """
+    sorted_ids, order = torch.sort(ids, dim=1, stable=True)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    rank = torch.cumsum(starts, dim=1) - 1  # (B, N) int64, in [0, N)
+    dense = torch.empty_like(ids).scatter_(1, order, rank)
+    return torch.where(ids < 0, torch.full_like(ids, -1), dense)
+
+
 def _dense_group_ids(group_ids: torch.Tensor, num_groups: int | None) -> tuple[torch.Tensor, int]:
     """Map arbitrary non-negative ids to [0, G); negative ids become -1.
 
-    Returns (ids (B, N) int64, G). G is num_groups when given; otherwise the number of distinct ids, plus one
-    (an empty group) when there is padding.
+    Returns (ids (B, N) int64, G), with G <= max(N, 1) so that the layout (B * G segments) is O(B * N)
+    whatever the labels: G is num_groups when given and at most N, otherwise the number of distinct ids
+    (plus one, an empty group, when there is padding) when that is at most N; past N the ids of each row are
+    renumbered by :func:`_compact_per_row` and G = N. Neither path adds a host synchronisation.
     """
     ids = group_ids.long()
     check_num_groups(num_groups)
+    B, N = ids.shape
+    bound = max(N, 1)  # host-known: a row of N tokens has at most N non-empty groups
     if num_groups is not None:
-        in_range = (ids < num_groups).all()
-        if ids.device.type == "cpu" and not torch.compiler.is_compiling():
-            if not bool(in_range):
-                raise ValueError(f"group_ids must be < num_groups={num_groups}, got max {int(ids.max())}")
-        else:  # checked on the device without a host synchronisation (and traceable: an op in the graph)
-            torch._assert_async(in_range, "moga: group_ids must be < num_groups")
+        if num_groups <= torch.iinfo(torch.int64).max:  # past it every int64 id is in range
+            in_range = (ids < num_groups).all()
+            if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+                if not bool(in_range):
+                    raise ValueError(f"group_ids must be < num_groups={num_groups}, got max {int(ids.max())}")
+            else:  # checked on the device without a host synchronisation (and traceable: an op in the graph)
+                torch._assert_async(in_range, "moga: group_ids must be < num_groups")
+        if num_groups > bound:
+            return _compact_per_row(ids), bound
         return torch.where(ids < 0, torch.full_like(ids, -1), ids), num_groups
     # Arbitrary ids: compact them. torch.unique reads its output size back to the host (one sync);
     # pass num_groups to avoid it.
     valid = ids >= 0
     uniq, inverse = torch.unique(torch.where(valid, ids, torch.full_like(ids, -1)), return_inverse=True)
+    if uniq.numel() > bound:  # distinct over the whole batch (up to B * N + 1): renumber per row instead
+        return _compact_per_row(ids), bound
     # Padding, when present, is uniq[0] = -1: shift the real ids down on the device instead of reading uniq[0]
     # back (a second sync). G then also counts -1, which leaves one empty segment per batch row.
     dense = inverse - (uniq[:1] < 0).sum()
@@ -111,7 +136,8 @@ def group_attention(
         group_ids: (B, N) integer, shared by all heads.
         softmax_scale: defaults to D ** -0.5.
         num_groups: if given, ids must lie in [-inf, num_groups) and the call never synchronises with the
-            GPU; if None, ids are compacted with ``torch.unique`` (one host synchronisation).
+            GPU; if None, ids are compacted with ``torch.unique`` (one host synchronisation). Memory and
+            time are O(B * N) whatever num_groups is: past N, ids are renumbered per row on the device.
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see :func:`moga.available_backends`).
         deterministic: bitwise reproducible forward and backward (kernels avoid floating-point atomics);
             also on when ``torch.are_deterministic_algorithms_enabled()``.
