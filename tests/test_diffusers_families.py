@@ -53,8 +53,9 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
 
 def tiny_hunyuan_dit():
     return diffusers.HunyuanDiT2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, hidden_size=16, num_layers=2,
-        cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=8, text_len=4, text_len_t5=4,
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, hidden_size=16,
+        num_layers=2, cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=8, text_len=4,
+        text_len_t5=4,
     )  # fmt: skip
 
 
@@ -93,10 +94,10 @@ def test_second_call_and_context_parallel_refusals_leave_the_model_untouched():
         apply_moga(model, 2)
     assert_unchanged(model, before)
 
-    model, _ = FAMILIES["LTXVideoTransformer3DModel"]()
+    model, _ = FAMILIES["CogVideoXTransformer3DModel"]()
     model._parallel_config = object()  # what enable_parallelism records on the model
     before = snapshot(model)
-    with pytest.raises(NotImplementedError, match="LTXVideoTransformer3DModel"):
+    with pytest.raises(NotImplementedError, match="CogVideoXTransformer3DModel"):
         apply_moga(model, 2)
     assert_unchanged(model, before)
 

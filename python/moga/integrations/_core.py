@@ -22,12 +22,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from moga._checks import softmax_scale_or_default
+from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
 from moga.functional import _segment_outputs
 from moga.gate import gated_unpermute
 from moga.layout import RoutedLayout, SegmentLayout, routed_layout, sort_by_segment
-from moga.modules import WindowArg, resolve_window
+from moga.modules import WindowArg, moga_layer_attention, resolve_window
 from moga.router import group_balance_loss, route_tokens
 from moga.window import check_context_frames, check_grid, normalize_shot_starts, window_layout
 
@@ -55,6 +57,7 @@ class MoGAProcessorBase:
     # checks the attention backend of the first processor that declares one (None: the active backend).
     _attention_backend = None
     _parallel_config = None
+    context_parallel = False  # set by apply_moga: whether this family runs under diffusers' context parallelism
 
     def __init__(
         self,
@@ -87,6 +90,61 @@ class MoGAProcessorBase:
             raise NotImplementedError(
                 f"{type(self).__name__} ({self.model_name}) does not support diffusers' context parallelism yet"
             )
+
+    def _layer_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Self-attention of video tokens: :func:`moga.modules.moga_layer_attention` with this processor's settings,
+        under diffusers' Ulysses context parallelism when it is on; records the routing statistics.
+
+        q, k, v (B, n, H, D) and logits (B, n, M) are this rank's contiguous token shard (n = N without
+        parallelism). Under parallelism q, k, v move to head shards (one all-to-all), the logits are gathered, every
+        branch runs on the whole sequence for H/P heads, and one all-to-all brings the output back; the statistics
+        are the whole sequence's, with gradient to this rank's tokens only. Returns (B, n, H, D).
+        """
+        group = _ulysses_group(self._parallel_config)
+        if group is not None and not self.context_parallel:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support diffusers' context parallelism on {self.model_name} "
+                "(docs/integrations.md lists the families that do)"
+            )
+        full_logits = logits
+        if group is not None:  # sequence shards -> head shards: every rank sees all N tokens of its H/P heads
+            q, k, v = qkv_to_heads(q, k, v, group)
+            full_logits = gather_sequence(logits, group)
+        out = moga_layer_attention(
+            q, k, v, full_logits, top_k=self.top_k, grid=self.state.grid, window=self.window,
+            frame_attention=self.frame_attention, shot_starts=self.state.shot_starts,
+            context_frames=self.context_frames, backend=self.backend,
+        )  # fmt: skip
+        if group is not None:
+            out = heads_to_sequence(out, group)
+            logits = _with_local_grad(full_logits, logits, group)
+        self._record_routing(logits)  # ties go to the lower group, as moga_attention routes
+        return out
+
+
+def _ulysses_group(parallel_config: Any) -> Any:
+    """The Ulysses process group of diffusers' context parallelism, or None when it is off (or of degree 1)."""
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None:
+        return None
+    if (cp.ring_degree or 1) > 1:
+        raise NotImplementedError(
+            f"MoGA supports diffusers' Ulysses context parallelism only, got ring_degree={cp.ring_degree}: a routed "
+            "group spans the whole sequence, so use ContextParallelConfig(ulysses_degree=P)"
+        )
+    if getattr(cp, "ulysses_anything", False):
+        raise NotImplementedError("MoGA needs equal sequence shards: ulysses_anything=True is not supported")
+    if (cp.ulysses_degree or 1) == 1:
+        return None
+    return cp._ulysses_mesh.get_group()
+
+
+def _with_local_grad(full: torch.Tensor, local: torch.Tensor, group: Any) -> torch.Tensor:
+    """``full`` (B, N, M), the gathered logits, with this rank's slice replaced by ``local`` (B, N/P, M) and the
+    rest detached: a loss on it has the full sequence's value and sends gradient to this rank's tokens only."""
+    n, rank = local.shape[1], dist.get_rank(group)
+    rest = full.detach()
+    return torch.cat([rest[:, : rank * n], local, rest[:, (rank + 1) * n :]], dim=1)
 
 
 def routing_stats(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

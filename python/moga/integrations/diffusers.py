@@ -24,14 +24,15 @@ from the call's inputs (the latents' ``(frames, height, width) // patch_size``, 
 width``) on every call. Shot boundaries (latent frames, after patchify) are passed as
 ``attention_kwargs={"shot_starts": [...]}`` to the transformer call.
 
-Sequence parallelism (the Wan family only): after ``apply_moga``, diffusers' own context parallelism
+Sequence parallelism (Wan, ChronoEdit and LTX-Video: the supported families diffusers 0.42.1 can parallelise, i.e.
+with a ``_cp_plan``): after ``apply_moga``, diffusers' own context parallelism
 (``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))``) works unchanged. diffusers
 hands each MoGA processor its rank's contiguous shard of the tokens; the processor then runs Ulysses itself
 (:mod:`moga.distributed`): one all-to-all of q, k, v to head shards, an all-gather of the router logits, the routed
 and static branches over the full sequence for its H/P heads, and an all-to-all back. Outputs match a single
 process; each rank's parameter gradients are the part of its own tokens (summed over the CP group they equal the
 single-process gradients), for the routers exactly as for every other weight. Ring attention is not supported.
-The other families' processors raise NotImplementedError under context parallelism.
+The other families are refused under context parallelism (NotImplementedError).
 """
 
 from __future__ import annotations
@@ -42,18 +43,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
-from moga.integrations._core import MoGAProcessorBase, VideoState
+from moga.integrations._core import MoGAProcessorBase, VideoState, _ulysses_group  # noqa: F401 (re-exported)
 from moga.integrations.diffusers_mmdit import (
     MoGACogVideoXAttnProcessor,
     MoGAHunyuanVideoAttnProcessor,
     MoGALTXAttnProcessor,
     MoGAMochiAttnProcessor,
 )
-from moga.modules import WindowArg, apply_rotary_interleaved, check_layer_settings, moga_layer_attention
+from moga.modules import WindowArg, apply_rotary_interleaved, check_layer_settings
 from moga.router import MoGARouter
 
 SHOT_STARTS_KEY = "shot_starts"
@@ -115,56 +114,11 @@ class MoGAWanAttnProcessor(MoGAProcessorBase):
             key = apply_rotary_interleaved(key, *rotary_emb)
 
         logits = attn.router(hidden_states)  # (B, n, M): this rank's tokens under context parallelism
-        group = _ulysses_group(self._parallel_config)
-        if group is not None and self.model_name not in _CONTEXT_PARALLEL_MODELS:
-            raise NotImplementedError(
-                f"MoGA under diffusers' context parallelism is supported (and tested) for "
-                f"{', '.join(_CONTEXT_PARALLEL_MODELS)} only, not {self.model_name}"
-            )
-        if group is not None:
-            # Sequence shards -> head shards: every rank sees all N tokens of its H/P heads.
-            query, key, value = qkv_to_heads(query, key, value, group)
-            full_logits = gather_sequence(logits, group)
-        else:
-            full_logits = logits
-        out = moga_layer_attention(
-            query, key, value, full_logits, top_k=self.top_k, grid=self.state.grid, window=self.window,
-            frame_attention=self.frame_attention, shot_starts=self.state.shot_starts,
-            context_frames=self.context_frames, backend=self.backend,
-        )
-        if group is not None:
-            out = heads_to_sequence(out, group)
-            logits = _with_local_grad(full_logits, logits, group)
-        self._record_routing(logits)  # ties go to the lower group, as moga_attention routes
+        out = self._layer_attention(query, key, value, logits)
 
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
-
-
-def _ulysses_group(parallel_config: Any) -> Any:
-    """The Ulysses process group of diffusers' context parallelism, or None when it is off (or of degree 1)."""
-    cp = getattr(parallel_config, "context_parallel_config", None)
-    if cp is None:
-        return None
-    if (cp.ring_degree or 1) > 1:
-        raise NotImplementedError(
-            f"MoGA supports diffusers' Ulysses context parallelism only, got ring_degree={cp.ring_degree}: a routed "
-            "group spans the whole sequence, so use ContextParallelConfig(ulysses_degree=P)"
-        )
-    if getattr(cp, "ulysses_anything", False):
-        raise NotImplementedError("MoGA needs equal sequence shards: ulysses_anything=True is not supported")
-    if (cp.ulysses_degree or 1) == 1:
-        return None
-    return cp._ulysses_mesh.get_group()
-
-
-def _with_local_grad(full: torch.Tensor, local: torch.Tensor, group: Any) -> torch.Tensor:
-    """``full`` (B, N, M), the gathered logits, with this rank's slice replaced by ``local`` (B, N/P, M) and the
-    rest detached: a loss on it has the full sequence's value and sends gradient to this rank's tokens only."""
-    n, rank = local.shape[1], dist.get_rank(group)
-    rest = full.detach()
-    return torch.cat([rest[:, : rank * n], local, rest[:, (rank + 1) * n :]], dim=1)
 
 
 def _latent_grid_5d(channels_first: bool) -> Callable[[nn.Module, dict], tuple[int, int, int]]:
@@ -232,9 +186,9 @@ _FAMILIES: dict[str, _Family] = {
     "WanTransformer3DModel": _Family(**_WAN, context_parallel=True),
     "SkyReelsV2Transformer3DModel": _Family(**_WAN, refuse=_refuse_skyreels),
     "WanVACETransformer3DModel": _Family(**_WAN),
-    "ChronoEditTransformer3DModel": _Family(**_WAN),
+    "ChronoEditTransformer3DModel": _Family(**_WAN, context_parallel=True),
     "LTXVideoTransformer3DModel": _Family(
-        MoGALTXAttnProcessor, _layers_attr(("transformer_blocks", "attn1")), _ltx_grid
+        MoGALTXAttnProcessor, _layers_attr(("transformer_blocks", "attn1")), _ltx_grid, context_parallel=True
     ),
     "HunyuanVideoTransformer3DModel": _Family(
         MoGAHunyuanVideoAttnProcessor,
@@ -249,7 +203,6 @@ _FAMILIES: dict[str, _Family] = {
     ),
 }
 SUPPORTED_MODELS: tuple[str, ...] = tuple(_FAMILIES)
-_CONTEXT_PARALLEL_MODELS = tuple(name for name, f in _FAMILIES.items() if f.context_parallel)
 """Class names of the diffusers transformers :func:`apply_moga` converts."""
 
 
@@ -345,7 +298,8 @@ def apply_moga(
     parallel_config = getattr(transformer, "_parallel_config", None)
     if parallel_config is not None and not family.context_parallel:
         raise NotImplementedError(
-            f"context parallelism is enabled on this {model_name}, and MoGA supports it for the Wan family only"
+            f"context parallelism is enabled on this {model_name}, and MoGA supports it only for "
+            f"{', '.join(n for n, f in _FAMILIES.items() if f.context_parallel)}"
         )
 
     # Validated: from here on the model is modified.
@@ -368,6 +322,7 @@ def apply_moga(
         # enable_parallelism may have run before apply_moga: it hands its config only to the processors present
         # then, and records it on the model.
         processor._parallel_config = parallel_config
+        processor.context_parallel = family.context_parallel
         if hasattr(attn, "set_processor"):
             attn.set_processor(processor)
         else:  # MochiAttention keeps its processor as a plain attribute

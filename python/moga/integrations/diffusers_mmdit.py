@@ -14,9 +14,11 @@ Mochi         video, text     (B, Nt) text mask           output 0 (the stock pr
 ============  ==============  ==========================  =====================================================
 
 LTX-Video has separate cross-attention like Wan: its self-attention (``attn1``) holds video tokens only and
-:class:`MoGALTXAttnProcessor` runs :func:`moga.modules.moga_layer_attention` on it.
+:class:`MoGALTXAttnProcessor` runs :func:`moga.modules.moga_layer_attention` on it, under diffusers' Ulysses
+context parallelism too (the shared path of the Wan processor).
 
-None of these processors supports diffusers' context parallelism yet (they raise NotImplementedError).
+The joint processors do not support diffusers' context parallelism yet (they raise NotImplementedError; diffusers
+0.42.1 has no context-parallel plan for these models either).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import torch
 from torch import nn
 
 from moga.integrations._core import MoGAProcessorBase, joint_moga_attention
-from moga.modules import moga_layer_attention
 
 
 class _JointProcessor(MoGAProcessorBase):
@@ -202,7 +203,8 @@ class MoGAMochiAttnProcessor(_JointProcessor):
 
 class MoGALTXAttnProcessor(MoGAProcessorBase):
     """LTX-Video's self-attention (``transformer_blocks.<i>.attn1``, video tokens only): RMS QK-norm over the full
-    projections and LTX's rotary embedding as the stock processor, then :func:`moga.modules.moga_layer_attention`.
+    projections and LTX's rotary embedding as the stock processor, then :func:`moga.modules.moga_layer_attention`
+    (with diffusers' Ulysses context parallelism when it is on).
     The grid is the transformer call's ``(num_frames, height, width)``."""
 
     def __call__(
@@ -219,19 +221,12 @@ class MoGALTXAttnProcessor(MoGAProcessorBase):
             raise ValueError(f"{type(self).__name__} is for self-attention: encoder_hidden_states must be None")
         if attention_mask is not None:
             raise ValueError(f"{type(self).__name__} does not support attention_mask (LTX's attn1 has none)")
-        self._refuse_context_parallel()
         q = attn.norm_q(attn.to_q(hidden_states))
         k = attn.norm_k(attn.to_k(hidden_states))
         v = attn.to_v(hidden_states)
         if image_rotary_emb is not None:
             q, k = apply_rotary_emb(q, image_rotary_emb), apply_rotary_emb(k, image_rotary_emb)
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
-        logits = attn.router(hidden_states)
-        out = moga_layer_attention(
-            q, k, v, logits, top_k=self.top_k, grid=self.state.grid, window=self.window,
-            frame_attention=self.frame_attention, shot_starts=self.state.shot_starts,
-            context_frames=self.context_frames, backend=self.backend,
-        )  # fmt: skip
-        self._record_routing(logits)
+        out = self._layer_attention(q, k, v, attn.router(hidden_states))
         out = out.flatten(2, 3).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
