@@ -45,6 +45,26 @@ def test_balance_loss_bad_form():
         moga.group_balance_loss(torch.randn(2, 3), form="nope")
 
 
+@pytest.mark.parametrize("form", ["paper", "switch"])
+def test_balance_loss_non_finite_logits(form):
+    """Default: a NaN (or +inf, or all -inf) logit gives a NaN loss without a word, as documented;
+    check_finite=True raises instead. -inf on some groups of a token is legitimate ("never this group")."""
+    good = torch.randn(2, 6, 4)
+    good[0, 1, 2] = float("-inf")
+    assert torch.isfinite(moga.group_balance_loss(good, 2, form=form, check_finite=True))
+    for value, where in [(float("nan"), (1, 3, 0)), (float("inf"), (0, 0, 3)), (float("-inf"), (1, 2, slice(None)))]:
+        bad = good.clone()
+        bad[where] = value
+        assert moga.group_balance_loss(bad, 2, form=form).isnan()
+        with pytest.raises(ValueError, match="1 of 12 tokens have a NaN or \\+inf logit"):
+            moga.group_balance_loss(bad, 2, form=form, check_finite=True)
+    bad = good.clone().requires_grad_(True)
+    with torch.no_grad():
+        bad[:, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="2 of 12 tokens"):
+        moga.group_balance_loss(bad, form=form, check_finite=True)
+
+
 @pytest.mark.parametrize("fn", [moga.route_tokens, moga.group_balance_loss])
 def test_bad_router_logits_raise(fn):
     with pytest.raises(TypeError, match="router_logits must be a torch.Tensor"):

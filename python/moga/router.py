@@ -111,6 +111,18 @@ def _check_logits(router_logits: torch.Tensor) -> None:
         )
 
 
+def _check_finite_logits(router_logits: torch.Tensor) -> None:
+    """ValueError when some token's softmax would be NaN: a NaN or +inf logit, or no logit above -inf."""
+    logits = router_logits.detach()
+    bad = (logits.isnan() | (logits == float("inf"))).any(-1) | (logits == float("-inf")).all(-1)
+    num_bad = int(bad.sum())  # the one host read
+    if num_bad:
+        raise ValueError(
+            f"router_logits: {num_bad} of {bad.numel()} tokens have a NaN or +inf logit, or only -inf logits "
+            "(their softmax, the gate and the balance loss are NaN)"
+        )
+
+
 def route_tokens(router_logits: torch.Tensor, top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax the router logits and pick each token's top_k groups.
 
@@ -134,7 +146,9 @@ def route_tokens(router_logits: torch.Tensor, top_k: int = 1) -> tuple[torch.Ten
     return probs, groups, gates
 
 
-def group_balance_loss(router_logits: torch.Tensor, top_k: int = 1, *, form: str = "paper") -> torch.Tensor:
+def group_balance_loss(
+    router_logits: torch.Tensor, top_k: int = 1, *, form: str = "paper", check_finite: bool = False
+) -> torch.Tensor:
     """Auxiliary loss that keeps groups balanced: L = M * sum_i F_i * P_i (multiply by alpha, 0.1 in the paper).
 
     With N the number of tokens of the whole batch and g(x) the top_k groups of token x:
@@ -145,13 +159,25 @@ def group_balance_loss(router_logits: torch.Tensor, top_k: int = 1, *, form: str
 
     Perfectly balanced top-1 routing with confident probabilities gives about 1 for both forms.
 
+    Non-finite logits: one NaN or +inf logit (or a token whose logits are all -inf) makes that token's softmax
+    NaN, and the loss is then NaN too, silently by default (as the attention output of such a token is NaN:
+    :func:`moga.moga_attention` does not check either). ``check_finite=True`` raises a ValueError instead,
+    at the price of one host synchronisation per call (on a GPU); -inf logits on a token that also has finite
+    ones are allowed (they mean "never this group").
+
     Args:
         router_logits: (..., M) float.
+        top_k: groups per token, in [1, M].
+        form: "paper" or "switch", see above.
+        check_finite: raise a ValueError, naming how many tokens are affected, when some token's softmax is
+            not finite (a NaN or +inf logit, or all of its logits -inf).
     Returns: a scalar tensor (float32, or float64 for float64 logits).
     """
     if form not in ("paper", "switch"):
         raise ValueError(f"form must be 'paper' or 'switch', got {form!r}")
     _check_logits(router_logits)
+    if check_finite:
+        _check_finite_logits(router_logits)
     M = router_logits.shape[-1]
     logits = router_logits.reshape(-1, M)
     probs, groups, _ = route_tokens(logits.unsqueeze(0), top_k)
