@@ -26,13 +26,14 @@ import torch
 from moga.backends import auto_table
 from moga.layout import SegmentLayout
 
-BACKEND_NAMES = ("varlen", "cuda", "triton", "cpu", "torch", "flash_attn", "xformers")
+BACKEND_NAMES = ("varlen", "cuda", "triton", "triton_tma", "cpu", "torch", "flash_attn", "xformers")
 AUTO_ORDER = {"cuda": ("varlen", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 _MODULES = {
     "varlen": "moga.backends.varlen_backend",
     "cuda": "moga.backends.cuda_backend",
     "triton": "moga.backends.triton_backend",
+    "triton_tma": "moga.backends.triton_tma_backend",
     "cpu": "moga.backends.cpu_backend",
     "torch": "moga.backends.torch_backend",
     "flash_attn": "moga.backends.flash_attn_backend",

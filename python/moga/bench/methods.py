@@ -25,7 +25,7 @@ from moga.bench.baselines import (
 )
 from moga.bench.cases import BenchCase, CaseInputs
 
-MOGA_KERNEL_BACKENDS = ("varlen", "cuda", "triton", "cpu", "torch")
+MOGA_KERNEL_BACKENDS = ("varlen", "cuda", "triton", "triton_tma", "cpu", "torch")
 RECIPE_BACKENDS = ("flash_attn", "xformers")  # the paper's recipe through a varlen library kernel
 
 
@@ -43,7 +43,7 @@ def _backend_reason(name: str, probe: torch.Tensor) -> str | None:
     mod = get_backend(name)
     if mod is None or not mod.is_available():
         return f"backend {name!r} not available in this installation"
-    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+    if name in ("triton", "triton_tma") and os.environ.get("TRITON_INTERPRET") == "1":
         return "TRITON_INTERPRET=1: interpreter timings say nothing about the kernel"
     return mod.unsupported_reason(probe, probe, probe)
 
