@@ -164,9 +164,10 @@ def _layout_reason(layout: SegmentLayout) -> str | None:
 @contextlib.contextmanager
 def seqlen_bounds(max_q: int | None = None, max_k: int | None = None) -> Iterator[None]:
     """Within this context (on this thread) the varlen backend passes ``max_q``/``max_k`` to varlen_attn instead
-    of the default bounds (the total number of query/key positions).
+    of the layout's ``max_q_len``/``max_k_len`` or, where it has none, the total number of query/key positions.
 
-    Give bounds the caller knows on the host, e.g. the window volume of a window layout, or a routing capacity.
+    Give bounds the caller knows on the host, e.g. a routing capacity (tokens per group). The tail sequence
+    (positions past the last segment, e.g. padding tokens' routing entries) must fit the bounds too.
     Each must be >= the longest query (key) segment; that is checked on the device without a synchronisation
     (a violated bound fails the next CUDA call with a device-side assertion). None keeps the default.
     """
