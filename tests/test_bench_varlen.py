@@ -81,3 +81,20 @@ def test_gpu_varlen_recipe_matches_reference(dtype) -> None:
     err = rel_err(varlen_recipe(q, k, v, ids, len(sizes)), ref)
     sdpa_err = rel_err(sorted_recipe(q, k, v, ids, len(sizes)), ref)
     assert err <= max(1e-3 if dtype == torch.float16 else 0.0, 2 * sdpa_err), (err, sdpa_err)
+
+
+def test_varlen_bounds_script_refuses_cleanly_without_cuda() -> None:
+    import importlib.util
+    import pathlib
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the script would run")
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "varlen_bounds.py"
+    spec = importlib.util.spec_from_file_location("varlen_bounds", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["varlen_bounds"] = mod
+    spec.loader.exec_module(mod)
+    assert mod.main([]) == 2
+    for name, layout, n in mod._cases(torch.device("cpu")):  # the cases themselves are well-formed layouts
+        assert layout.num_tokens == n and layout.q_index.numel() == n, name

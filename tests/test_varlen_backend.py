@@ -265,6 +265,20 @@ def test_window_layout_with_context_frames(calls, float64_ok, dtype):
     assert all(c["max_q"] == 4 and c["max_k"] == 12 for c in calls)
 
 
+@pytest.mark.parametrize(
+    ("grid", "window", "shots", "c"),
+    [((4, 3, 4), (1, 2, 2), [2], 1), ((5, 4, 6), (2, 3, 4), [2, 3], 2), ((3, 2, 2), (8, 8, 8), None, 0)],
+)
+def test_window_layout_bounds_cover_the_longest_segment(grid, window, shots, c):
+    from moga.window import normalize_shot_starts, window_layout
+
+    seg = window_layout(grid, window, normalize_shot_starts(shots, grid[0]), c, torch.device("cpu"), 2).segments
+    longest_q, longest_k = int(torch.diff(seg.q_offsets).max()), int(torch.diff(seg.k_offsets).max())
+    assert longest_q <= seg.max_q_len and longest_k <= seg.max_k_len
+    volume = min(window[0], grid[0]) * min(window[1], grid[1]) * min(window[2], grid[2])
+    assert seg.max_q_len == volume  # a full window exists in each of these grids: the bound is exact for queries
+
+
 def test_layout_bounds_are_checked_on_the_device(calls, float64_ok):
     T = 10
     layout = dataclasses.replace(_layout([3, 4], [3, 5], T), max_q_len=3)  # wrong: a query segment of 4
