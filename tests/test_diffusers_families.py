@@ -69,10 +69,6 @@ class _WanSubclass(diffusers.WanTransformer3DModel):
         (lambda: torch.nn.Linear(2, 2), {}, TypeError, "does not support torch.nn.modules.linear.Linear"),
         (tiny_hunyuan_dit, {}, TypeError, "HunyuanDiT2DModel"),
         (lambda: _WanSubclass(**WAN_ARGS), {}, TypeError, "_WanSubclass"),
-        (
-            lambda: diffusers.SkyReelsV2Transformer3DModel(**WAN_ARGS, num_frame_per_block=2),
-            {}, ValueError, "SkyReelsV2Transformer3DModel: num_frame_per_block=2",
-        ),
         (lambda: FAMILIES["MochiTransformer3DModel"]()[0], {"blocks": [0, 2]}, ValueError, "blocks"),
         (lambda: FAMILIES["HunyuanVideoTransformer3DModel"]()[0], {"top_k": 4}, ValueError, "top_k"),
         (lambda: FAMILIES["CogVideoXTransformer3DModel"]()[0], {"window": (2, 0, 2)}, ValueError, "window"),
@@ -102,12 +98,15 @@ def test_second_call_and_context_parallel_refusals_leave_the_model_untouched():
     assert_unchanged(model, before)
 
 
-def test_skyreels_block_causal_mask_set_after_apply_fails_clearly():
-    model, x = FAMILIES["SkyReelsV2Transformer3DModel"]()
+def test_wan_processor_refuses_a_mask_it_cannot_honour():
+    """The Wan processor follows only SkyReels-V2's block-causal mask (num_frame_per_block > 1)."""
+    model, x = FAMILIES["ChronoEditTransformer3DModel"]()
     apply_moga(model, 2)
-    model._set_ar_attention(3)  # diffusion forcing switched on after conversion: frames become block-causal
-    with pytest.raises(ValueError, match="SkyReelsV2Transformer3DModel.*block-causal"):
-        output(model, x)
+    output(model, x)  # records the video state
+    attn = model.blocks[0].attn1
+    hidden = torch.randn(2, 48, attn.to_q.in_features)
+    with pytest.raises(ValueError, match="ChronoEditTransformer3DModel.*cannot honour"):
+        attn(hidden, None, torch.ones(1, 1, 48, 48, dtype=torch.bool), None)
 
 
 def test_supported_models_are_the_tested_families():

@@ -28,6 +28,7 @@ from moga._checks import softmax_scale_or_default
 from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
 from moga.functional import _segment_outputs
 from moga.gate import gated_unpermute
+from moga.integrations._block_causal import _segment_of_positions, block_causal_layer_attention
 from moga.layout import RoutedLayout, SegmentLayout, routed_layout, sort_by_segment
 from moga.modules import WindowArg, moga_layer_attention, resolve_window
 from moga.router import group_balance_loss, route_tokens
@@ -42,6 +43,7 @@ class VideoState:
 
     grid: tuple[int, int, int] | None = None
     shot_starts: Sequence[int] | None = None
+    frames_per_block: int = 1  # > 1: the model's self-attention is block-causal over frames (SkyReels-V2)
     hook: Any = field(default=None, repr=False)
 
 
@@ -91,7 +93,9 @@ class MoGAProcessorBase:
                 f"{type(self).__name__} ({self.model_name}) does not support diffusers' context parallelism yet"
             )
 
-    def _layer_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _layer_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor, block_causal: bool = False
+    ) -> torch.Tensor:
         """Self-attention of video tokens: :func:`moga.modules.moga_layer_attention` with this processor's settings,
         under diffusers' Ulysses context parallelism when it is on; records the routing statistics.
 
@@ -99,8 +103,22 @@ class MoGAProcessorBase:
         parallelism). Under parallelism q, k, v move to head shards (one all-to-all), the logits are gathered, every
         branch runs on the whole sequence for H/P heads, and one all-to-all brings the output back; the statistics
         are the whole sequence's, with gradient to this rank's tokens only. Returns (B, n, H, D).
+
+        ``block_causal``: the model asked for its block-causal mask (SkyReels-V2, ``state.frames_per_block > 1``):
+        every branch is restricted to keys of the same or earlier frame blocks
+        (:func:`moga.integrations._block_causal.block_causal_layer_attention`).
         """
         group = _ulysses_group(self._parallel_config)
+        if block_causal:
+            if group is not None:
+                raise NotImplementedError(f"{self.model_name}: block-causal MoGA under context parallelism")
+            out = block_causal_layer_attention(
+                q, k, v, logits, frames_per_block=self.state.frames_per_block, grid=self.state.grid,
+                top_k=self.top_k, window=self.window, frame_attention=self.frame_attention,
+                shot_starts=self.state.shot_starts, context_frames=self.context_frames, backend=self.backend,
+            )  # fmt: skip
+            self._record_routing(logits)
+            return out
         if group is not None and not self.context_parallel:
             raise NotImplementedError(
                 f"{type(self).__name__} does not support diffusers' context parallelism on {self.model_name} "
@@ -166,13 +184,6 @@ def routing_stats(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch
 def _video_rows(rows: torch.Tensor, num_video: int, num_tokens: int, video_offset: int) -> torch.Tensor:
     """Token rows of a video-only layout (row b * Nv + i) -> rows of the joint sequence (b * N + offset + i)."""
     return torch.div(rows, num_video, rounding_mode="floor") * num_tokens + video_offset + rows % num_video
-
-
-def _segment_of_positions(offsets: torch.Tensor, length: int) -> torch.Tensor:
-    """(length,) segment of each position of a layout's index list; -1 past the last segment."""
-    pos = torch.arange(length, device=offsets.device, dtype=torch.int64)
-    seg = torch.searchsorted(offsets, pos, right=True) - 1
-    return torch.where(pos < offsets[-1], seg, torch.full_like(seg, -1))
 
 
 def _text_rows(batch: int, num_tokens: int, text_offset: int, num_text: int, device: torch.device) -> torch.Tensor:

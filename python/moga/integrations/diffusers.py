@@ -6,7 +6,8 @@ weights and QK-norms are reused unchanged and the routers train and save with th
 (:data:`SUPPORTED_MODELS`):
 
 * Wan 2.1 and its derivatives with the same self-attention: ``WanTransformer3DModel``,
-  ``SkyReelsV2Transformer3DModel`` (without its block-causal mask, ``num_frame_per_block == 1``),
+  ``SkyReelsV2Transformer3DModel`` (with diffusion forcing's block-causal mask, ``num_frame_per_block > 1``,
+  intersected with every branch: :mod:`moga.integrations._block_causal`),
   ``WanVACETransformer3DModel`` (the main ``blocks``; the VACE control blocks keep dense attention),
   ``ChronoEditTransformer3DModel``: :class:`MoGAWanAttnProcessor` on ``blocks.<i>.attn1``; cross-attention
   (``attn2``) is left alone.
@@ -97,10 +98,11 @@ class MoGAWanAttnProcessor(MoGAProcessorBase):
     ) -> torch.Tensor:
         if encoder_hidden_states is not None:
             raise ValueError("MoGAWanAttnProcessor is for self-attention: encoder_hidden_states must be None")
-        if attention_mask is not None:
+        block_causal = attention_mask is not None
+        if block_causal and self.state.frames_per_block <= 1:
             raise ValueError(
-                f"MoGAWanAttnProcessor ({self.model_name}) does not support an attention mask: MoGA's groups and "
-                "windows do not follow SkyReels-V2's block-causal mask (num_frame_per_block > 1)"
+                f"MoGAWanAttnProcessor ({self.model_name}) got an attention mask it cannot honour: the only mask it "
+                "follows is SkyReels-V2's block-causal one (config num_frame_per_block > 1)"
             )
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -114,7 +116,9 @@ class MoGAWanAttnProcessor(MoGAProcessorBase):
             key = apply_rotary_interleaved(key, *rotary_emb)
 
         logits = attn.router(hidden_states)  # (B, n, M): this rank's tokens under context parallelism
-        out = self._layer_attention(query, key, value, logits)
+        # Block-causal (SkyReels-V2 diffusion forcing): the dense mask is not read, its block structure is rebuilt
+        # from the model's num_frame_per_block (the model builds the mask from it).
+        out = self._layer_attention(query, key, value, logits, block_causal=block_causal)
 
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
@@ -160,16 +164,6 @@ def _layers_attr(*paths: tuple[str, str]) -> Callable[[nn.Module], list[tuple[st
     return layers
 
 
-def _refuse_skyreels(model: nn.Module) -> str | None:
-    n = model.config.num_frame_per_block
-    if n > 1:
-        return (
-            f"num_frame_per_block={n} makes its self-attention block-causal (an attention mask over frames), "
-            "which MoGA's groups and windows do not follow; use num_frame_per_block=1"
-        )
-    return None
-
-
 @dataclass(frozen=True)
 class _Family:
     """How apply_moga converts one diffusers model class."""
@@ -178,13 +172,12 @@ class _Family:
     layers: Callable[[nn.Module], list[tuple[str, nn.Module]]]
     grid: Callable[[nn.Module, dict], tuple[int, int, int] | None]
     context_parallel: bool = False
-    refuse: Callable[[nn.Module], str | None] = lambda model: None
 
 
 _WAN = dict(processor=MoGAWanAttnProcessor, layers=_layers_attr(("blocks", "attn1")), grid=_latent_grid_5d(True))
 _FAMILIES: dict[str, _Family] = {
     "WanTransformer3DModel": _Family(**_WAN, context_parallel=True),
-    "SkyReelsV2Transformer3DModel": _Family(**_WAN, refuse=_refuse_skyreels),
+    "SkyReelsV2Transformer3DModel": _Family(**_WAN),
     "WanVACETransformer3DModel": _Family(**_WAN),
     "ChronoEditTransformer3DModel": _Family(**_WAN, context_parallel=True),
     "LTXVideoTransformer3DModel": _Family(
@@ -215,11 +208,7 @@ def _family_of(transformer: nn.Module) -> _Family:
             f"apply_moga does not support {cls.__module__}.{name}: it converts the diffusers transformers "
             f"{', '.join(SUPPORTED_MODELS)} (exact classes; subclasses may change the attention call)"
         )
-    family = _FAMILIES[name]
-    reason = family.refuse(transformer)
-    if reason is not None:
-        raise ValueError(f"apply_moga cannot convert this {name}: {reason}")
-    return family
+    return _FAMILIES[name]
 
 
 def _check_attention_module(name: str, attn: nn.Module, model_name: str) -> None:
@@ -238,6 +227,7 @@ def _record_video_state(state: VideoState, grid_fn: Callable, params: tuple[str,
         call = dict(zip(params, args, strict=False))
         call.update(kwargs)
         state.grid = grid_fn(module, call)
+        state.frames_per_block = getattr(module.config, "num_frame_per_block", 1) or 1
         attention_kwargs = call.get("attention_kwargs") or {}
         state.shot_starts = attention_kwargs.get(SHOT_STARTS_KEY)
 
@@ -278,9 +268,9 @@ def apply_moga(
     Returns: the same transformer object. Its routers are submodules named ``<layer>.router`` (e.g.
     ``blocks.<i>.attn1.router``), on the device and dtype of that layer's ``to_q``.
 
-    Raises (before anything is changed): TypeError for an unsupported model, ValueError for a configuration
-    MoGA cannot run (e.g. SkyReels-V2 with a block-causal mask), bad settings or blocks, or blocks already
-    converted; NotImplementedError when context parallelism is already enabled on a family without it.
+    Raises (before anything is changed): TypeError for an unsupported model, ValueError for bad settings or
+    blocks, or blocks already converted; NotImplementedError when context parallelism is already enabled on a
+    family without it.
     """
     family = _family_of(transformer)
     model_name = type(transformer).__name__

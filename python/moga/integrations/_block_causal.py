@@ -1,0 +1,117 @@
+"""Block-causal MoGA: every branch restricted to keys of the same or earlier frame blocks (SkyReels-V2's
+diffusion forcing, ``num_frame_per_block > 1``).
+
+The latent frames are cut into blocks of ``frames_per_block`` frames; a query in block b may attend only to keys
+in blocks 0..b (the stock model's dense mask). Under MoGA this mask is intersected with every branch: a routed
+group, an STGA window, a frame. On the segment primitive a segment s becomes ``num_blocks`` segments (s, b): the
+queries of s in block b, and the keys of s in blocks <= b. No dense mask; the key lists grow by at most a factor
+``num_blocks`` (a key of block c is listed once for every b >= c).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moga.functional import _segment_outputs
+from moga.gate import gated_unpermute
+from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, routed_layout, sort_by_segment
+from moga.modules import WindowArg, resolve_window
+from moga.router import route_tokens
+from moga.window import check_context_frames, check_grid, normalize_shot_starts, window_layout
+
+
+def _segment_of_positions(offsets: torch.Tensor, length: int) -> torch.Tensor:
+    """(length,) segment of each position of a layout's index list; -1 past the last segment."""
+    pos = torch.arange(length, device=offsets.device, dtype=torch.int64)
+    seg = torch.searchsorted(offsets, pos, right=True) - 1
+    return torch.where(pos < offsets[-1], seg, torch.full_like(seg, -1))
+
+
+def restrict_block_causal(layout: RoutedLayout, block_of_row: torch.Tensor, num_blocks: int) -> RoutedLayout:
+    """Split every segment of ``layout`` by the query's block, keeping keys of the same or earlier blocks.
+
+    Args:
+        layout: any self-attention layout (routed groups, windows), ``position`` mapping its entries.
+        block_of_row: (T,) int64, the block of each token row, in [0, num_blocks).
+        num_blocks: number of blocks.
+
+    Returns: the restricted layout, S * num_blocks segments, ``position`` updated. No host synchronisation.
+    """
+    seg = layout.segments
+    S, nb = seg.num_segments, num_blocks
+    device = seg.q_index.device
+    q_seg = _segment_of_positions(seg.q_offsets, seg.q_index.numel())
+    q_keys = torch.where(q_seg >= 0, q_seg * nb + block_of_row[seg.q_index], torch.full_like(q_seg, -1))
+    q_order, q_offsets = sort_by_segment(q_keys, S * nb)
+    k_seg = _segment_of_positions(seg.k_offsets, seg.k_index.numel())
+    blocks = torch.arange(nb, device=device, dtype=torch.int64).view(1, nb)
+    usable = (k_seg >= 0).view(-1, 1) & (blocks >= block_of_row[seg.k_index].view(-1, 1))  # (Lk, nb)
+    k_keys = torch.where(usable, k_seg.view(-1, 1) * nb + blocks, torch.full_like(usable, -1, dtype=torch.int64))
+    k_order, k_offsets = sort_by_segment(k_keys.reshape(-1), S * nb)
+    k_rows = seg.k_index.view(-1, 1).expand(-1, nb).reshape(-1)
+    segments = SegmentLayout(
+        q_index=seg.q_index[q_order], q_offsets=q_offsets, k_index=k_rows[k_order], k_offsets=k_offsets,
+        num_tokens=seg.num_tokens, q_unique=seg.q_unique, k_unique=seg.k_unique and nb == 1,
+    )  # fmt: skip
+    return RoutedLayout(segments=segments, position=inverse_permutation(q_order)[layout.position], top_k=layout.top_k)
+
+
+def block_causal_layer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    router_logits: torch.Tensor,
+    *,
+    frames_per_block: int,
+    grid: Sequence[int],
+    top_k: int = 1,
+    window: WindowArg = None,
+    frame_attention: bool = False,
+    shot_starts: Sequence[int] | None = None,
+    context_frames: int = 0,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`moga.modules.moga_layer_attention` with every branch restricted to block-causal keys.
+
+    Args:
+        q: (B, N, Hq, D); k, v: (B, N, Hkv, D); router_logits: (B, N, M).
+        frames_per_block: latent frames per causal block (the grid's frame count must be a multiple of it).
+        grid: (T, H, W), T * H * W == N (required: the blocks are frames).
+        top_k, window, frame_attention, shot_starts, context_frames, softmax_scale, backend: as in
+            :func:`moga.modules.moga_layer_attention`.
+
+    Returns: (B, N, Hq, D) in the dtype of q.
+    """
+    B, N, Hq, D = q.shape
+    T, H, W = check_grid(grid, N)
+    if isinstance(frames_per_block, bool) or not isinstance(frames_per_block, int) or frames_per_block < 1:
+        raise ValueError(f"frames_per_block must be a positive int, got {frames_per_block!r}")
+    if T % frames_per_block:
+        raise ValueError(f"the grid's {T} frames are not a multiple of frames_per_block={frames_per_block}")
+    num_blocks = T // frames_per_block
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    rows = torch.arange(B * N, device=q.device, dtype=torch.int64)
+    block_of_row = torch.div(rows % N, H * W * frames_per_block, rounding_mode="floor")
+
+    M = router_logits.shape[-1]
+    _, groups, gates = route_tokens(router_logits, top_k)
+    routed = restrict_block_causal(routed_layout(groups, M), block_of_row, num_blocks)
+    out_seg = _segment_outputs(q, k, v, routed, scale, backend)
+    branches = [gated_unpermute(out_seg, routed.position, gates.reshape(B * N, top_k))]
+    grid = (T, H, W)
+    shots = normalize_shot_starts(shot_starts, T)
+    windows = []
+    if window is not None:
+        windows.append((resolve_window(window, grid), check_context_frames(context_frames)))
+    if frame_attention:
+        windows.append(((1, H, W), 0))
+    build = window_layout.__wrapped__ if torch.compiler.is_compiling() else window_layout
+    for win, ctx in windows:
+        layout = restrict_block_causal(build(grid, win, shots, ctx, q.device, B), block_of_row, num_blocks)
+        branches.append(_segment_outputs(q, k, v, layout, scale, backend)[layout.position])
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    out = sum(b.to(acc_dtype) for b in branches) / len(branches)
+    return out.to(q.dtype).view(B, N, Hq, D)
