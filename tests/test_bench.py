@@ -132,7 +132,8 @@ def test_flex_block_mask_skips_exactly_the_empty_blocks() -> None:
 
 
 def test_bench_cli_end_to_end_on_cpu(tmp_path: Path) -> None:
-    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    # --plot into folders that do not exist yet (issue 14.3: it used to crash after the whole sweep)
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "figs" / "new" / "bench.png"
     cmd = [
         sys.executable, "-m", "moga.bench", "--device", "cpu", "--quick", "--n", "64", "96", "--m", "3",
         "--heads", "2", "--head-dim", "16", "--budget", "0.01", "--json", str(out_json), "--plot", str(out_png),
@@ -155,6 +156,11 @@ def test_bench_cli_end_to_end_on_cpu(tmp_path: Path) -> None:
         assert r["status"] in ("ok", "skipped", "error")
         if r["status"] == "ok":
             assert r["median_ms"] > 0 and r["tflops"] > 0 and r["speedup_vs_dense"] > 0
+            samples = r["samples_ms"]  # every repeat is recorded, with its spread
+            assert len(samples) == r["repeats"] >= 3 and all(t > 0 for t in samples)
+            assert r["min_ms"] == min(samples) and r["max_ms"] == max(samples)
+            assert r["min_ms"] <= r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] <= r["max_ms"]
+            assert isinstance(r["noisy"], bool)
         else:
             assert r["reason"]  # every skip says why
         backward = r["mode"] == "fwd+bwd"
@@ -171,16 +177,176 @@ def test_bench_cli_end_to_end_on_cpu(tmp_path: Path) -> None:
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_fails_loudly_when_the_check_fails(monkeypatch, tmp_path: Path, capsys) -> None:
-    bad = [CheckResult("group_attention[torch]", "out", 0.5, 1e-5)]
-    monkeypatch.setattr(runner, "run_check", lambda device, dtype, seed: bad)
+def _tiny_bench_args(tmp_path: Path, *extra: str):
     from moga.cli import build_parser
 
-    args = build_parser().parse_args(["bench", "--device", "cpu", "--n", "64", "--json", str(tmp_path / "b.json")])
-    assert runner.run(args) == 1
-    assert "FAILED" in capsys.readouterr().err
+    argv = ["bench", "--device", "cpu", "--quick", "--n", "64", "--m", "2", "--heads", "1", "--head-dim", "16",
+            "--modes", "fwd", "--budget", "0.001", "--json", str(tmp_path / "b.json"), *extra]  # fmt: skip
+    return build_parser().parse_args(argv)
+
+
+def test_bench_drops_only_the_methods_whose_check_failed(monkeypatch, tmp_path: Path, capsys) -> None:
+    bad = [
+        CheckResult("group_attention[torch]", "out", 0.5, 1e-5),
+        CheckResult("group_attention[torch]", "dq", 1e-7, 1e-5),
+        CheckResult("moga_attention[auto,top_k=1]", "out", 1e-7, 1e-5),
+    ]
+    monkeypatch.setattr(runner, "run_check", lambda device, dtype, seed: bad)
+    assert runner.run(_tiny_bench_args(tmp_path)) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.err and "group_attention[torch]" in captured.err and "rel err 5.00e-01" in captured.err
     doc = json.loads((tmp_path / "b.json").read_text())
-    assert doc["results"] == [] and doc["check"][0]["ok"] is False
+    assert doc["check"][0]["ok"] is False and doc["check"][0]["method"] == "group_attention[torch]"
+    status = {r["method"]: r["status"] for r in doc["results"]}
+    assert status["group_attention[torch]"] == "check_failed"
+    assert "correctness check" in next(r["reason"] for r in doc["results"] if r["method"] == "group_attention[torch]")
+    # the methods that passed (or that the check does not cover) are still timed
+    assert status["dense_sdpa"] == "ok" and status["moga_attention[auto]"] == "ok" and status["recipe[sdpa]"] == "ok"
+    assert "check_failed: failed the correctness check" in captured.out  # shown in the table
+
+
+def test_check_records_an_exception_per_path(monkeypatch) -> None:
+    """A path that raises is that path's result; every other path is still checked (and passes)."""
+    import moga
+    from moga.bench import check
+    from moga.bench.check import failed_methods, format_check, run_check
+
+    real = moga.group_attention
+
+    def broken_torch_backend(*args, backend="auto", **kwargs):
+        if backend == "torch":
+            raise RuntimeError("injected failure\nsecond line")
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(moga, "group_attention", broken_torch_backend)
+    # two compiled-free paths are enough here (the interpreted triton path would only cost time)
+    monkeypatch.setattr(check, "runnable_backends", lambda q, k, v: {"torch": None, "cpu": None, "triton": "slow"})
+    results = run_check(torch.device("cpu"), torch.float32)
+    errors = [r for r in results if r.error is not None]
+    assert [(r.path, r.tensor, r.error) for r in errors] == [
+        ("group_attention[torch]", "error", "RuntimeError: injected failure")
+    ]
+    others = [r for r in results if r.error is None]
+    assert {r.path for r in others} == {
+        "group_attention[cpu]",
+        "moga_attention[auto,top_k=1]",
+        "moga_attention[auto,top_k=2]",
+    }
+    assert all(r.ok for r in others)
+    assert failed_methods(results) == {"group_attention[torch]": "raised RuntimeError: injected failure"}
+    assert "NO: raised RuntimeError: injected failure" in format_check(results)
+    assert errors[0].as_dict()["ok"] is False
+
+
+def test_bench_drops_every_moga_method_when_the_check_itself_raises(monkeypatch, tmp_path: Path, capsys) -> None:
+    def broken(device, dtype, seed):
+        raise ValueError("reference exploded")
+
+    monkeypatch.setattr(runner, "run_check", broken)
+    assert runner.run(_tiny_bench_args(tmp_path)) == 1
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert doc["check"][0]["error"] == "ValueError: reference exploded"
+    status = {r["method"]: r["status"] for r in doc["results"]}
+    assert {status[m] for m in status if m.startswith(("group_attention", "moga_attention"))} == {"check_failed"}
+    assert status["dense_sdpa"] == "ok" and status["recipe[sdpa]"] == "ok"
+
+
+def test_check_result_method_names() -> None:
+    assert CheckResult("moga_attention[auto,top_k=2]", "out", 0.0, 1.0).method == "moga_attention[auto]"
+    assert CheckResult("group_attention[cpu]", "dq", 0.0, 1.0).method == "group_attention[cpu]"
+    assert CheckResult("check", "error", float("nan"), float("nan"), "E: x").method == "check"
+    assert not CheckResult("group_attention[cpu]", "out", float("nan"), 1.0).ok  # unwritten element
+
+
+def test_bench_rejects_an_unknown_method_filter(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="match no method"):
+        runner.run(_tiny_bench_args(tmp_path, "--methods", "no_such_method"))
+
+
+def test_bench_plot_path_is_prepared_before_the_sweep(monkeypatch, tmp_path: Path) -> None:
+    """--plot into a folder that does not exist: created up front; an unwritable one fails before any timing."""
+    from moga.bench.plot import check_plot_path
+
+    target = tmp_path / "a" / "b" / "x.png"
+    check_plot_path(str(target))
+    assert target.parent.is_dir()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        monkeypatch.setattr(runner, "run_check", lambda *a: pytest.fail("the sweep started"))
+        with pytest.raises(SystemExit, match="not writable"):
+            runner.run(_tiny_bench_args(tmp_path, "--plot", str(locked / "x.png")))
+    finally:
+        locked.chmod(0o700)
+
+
+# ---------------------------------------------------------------- timing spread, table, plot
+
+
+def test_timing_spread_and_noisy_flag() -> None:
+    from moga.bench.timing import NOISY_REL_IQR, Timing, quartiles
+
+    steady = Timing(10.0, 5, [10.0, 9.9, 10.1, 10.0, 10.0])
+    assert (steady.min_ms, steady.max_ms) == (9.9, 10.1) and not steady.noisy
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)  # inclusive: hand-checkable
+    noisy = Timing(10.0, 5, [5.0, 8.0, 10.0, 14.0, 30.0])
+    assert noisy.quartiles_ms == (8.0, 14.0) and noisy.rel_iqr == pytest.approx(0.6) and noisy.noisy
+    assert Timing(2.0, 1, [2.0]).rel_iqr == 0.0 and NOISY_REL_IQR == pytest.approx(0.1)
+
+
+def _row(method: str, mode: str, n: int, ms: float, **kw):
+    fields = dict(n=n, m=4, distribution="balanced", heads=2, head_dim=64, dtype="float32", method=method,
+                  kind="moga", mode=mode, status="ok", median_ms=ms, repeats=3, samples_ms=[ms * 0.9, ms, ms * 1.1],
+                  min_ms=ms * 0.9, max_ms=ms * 1.1, q1_ms=ms * 0.95, q3_ms=ms * 1.05, noisy=False, flops=10**9,
+                  tflops=1e-3 / ms, speedup_vs_dense=2.0)  # fmt: skip
+    fields.update(kw)
+    return runner.Row(**fields)
+
+
+def test_table_shows_spread_and_flags_noisy_rows() -> None:
+    from moga.bench.report import format_table
+
+    rows = [_row("dense_sdpa", "fwd", 64, 4.0), _row("group_attention[torch]", "fwd", 64, 1.0, q1_ms=0.5, q3_ms=2.0,
+                                                     noisy=True, min_ms=0.4, max_ms=9.0)]  # fmt: skip
+    table = format_table(rows, "note")
+    header = next(line for line in table.splitlines() if line.startswith("method"))
+    assert all(col in header for col in ("ms", "min", "max", "IQR%"))
+    dense, ga = (line for line in table.splitlines() if line.startswith(("dense_sdpa", "group_attention")))
+    assert "9.000" in ga and "0.400" in ga and " 150 " in ga and ga.rstrip().endswith("noisy")  # IQR 1.5 / 1.0
+    assert not dense.rstrip().endswith("noisy") and "1 row(s) marked noisy" in table
+
+
+def test_plot_one_colour_per_method_style_per_mode_and_a_speedup_panel() -> None:
+    from moga.bench.plot import figure_title, make_figure, method_colors
+
+    names = [f"method_{i}" for i in range(12)]
+    colors = method_colors(["dense_sdpa", *names])
+    assert len(set(colors.values())) == 13  # 12 methods + dense: no two share a colour
+    every = [(i, name, mode, n) for i, name in enumerate(["dense_sdpa", *names]) for mode in ("fwd", "fwd+bwd")
+             for n in (64, 128)]  # fmt: skip
+    rows = [_row(name, mode, n, 1.0 + i + n / 64) for i, name, mode, n in every]
+    env = {"device": "Test CPU", "device_type": "cpu", "torch": "9.9", "date_utc": "2026-12-01T00:00:00+00:00"}
+    fig = make_figure(rows, env)
+    try:
+        ax_t, ax_f, ax_s = fig.axes[:3]
+        assert len(fig.axes) == 3 and "speedup" in ax_s.get_ylabel()
+        assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1  # one legend, off the data
+        by_label: dict[str, set[str]] = {}
+        for line in ax_t.get_lines():
+            by_label.setdefault(line.get_color(), set()).add(line.get_linestyle())
+        assert all(styles == {"-", "--"} for styles in by_label.values())  # fwd and fwd+bwd share the colour
+        assert len(by_label) == 13
+        assert len(ax_s.get_lines()) == 12 * 2 + 1  # every method but dense, both modes, and the y = 1 line
+        title = fig._suptitle.get_text()
+        assert title == figure_title(rows, env)
+        assert all(part in title for part in ("Test CPU", "float32", "H=2", "D=64", "torch 9.9"))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def test_bench_rejects_a_bad_argument() -> None:

@@ -5,6 +5,7 @@ Functional API (layout ``(batch, seqlen, heads, headdim)`` as in flash-attention
 * :func:`group_attention`: attention inside groups given by integer ids;
 * :func:`moga_attention`: routed, gated group attention from router logits;
 * :func:`group_balance_loss`, :class:`MoGARouter`, :func:`route_tokens`: the router side.
+* :func:`plan`: tokens, FLOPs and attention memory of a video model with MoGA (also ``moga plan``).
 """
 
 from moga.backends import available_backends
@@ -12,6 +13,7 @@ from moga.cluster import cluster_attention
 from moga.functional import group_attention, moga_attention
 from moga.kmeans import kmeans
 from moga.modules import MoGAAttention, MoGAConfig, WindowSplit, paper_config
+from moga.plan import plan
 from moga.router import MoGARouter, group_balance_loss, route_tokens
 from moga.window import window_attention
 
@@ -31,4 +33,5 @@ __all__ = [
     "MoGAConfig",
     "WindowSplit",
     "paper_config",
+    "plan",
 ]

@@ -5,10 +5,16 @@ benchmark's dtype on the benchmark's device, through every backend that can run 
 ``moga_attention`` (top_k 1 and 2), outputs and gradients, with outputs and gradients allocated poisoned
 (NaN) so an unwritten element fails the check. Bounds follow the project's standard: fp32 1e-5, fp16 1e-3,
 bf16 twice the error of the same computation done by PyTorch in bf16 (dense masked SDPA).
+
+Each path is checked on its own: an exception in one path is recorded as that path's result (tensor ``"error"``,
+the exception in ``error``) and the other paths are still checked. :func:`failed_methods` maps the failures to
+the bench methods whose timings must be dropped.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,17 +31,52 @@ FIXED_BOUND = {torch.float32: 1e-5, torch.float16: 1e-3, torch.float64: 1e-10}
 
 @dataclass
 class CheckResult:
-    path: str  # e.g. "group_attention[torch]"
-    tensor: str  # "out", "dq", ...
+    path: str  # e.g. "group_attention[torch]", "moga_attention[auto,top_k=1]"
+    tensor: str  # "out", "dq", ...; "error" when the path raised
     rel_err: float
     bound: float
+    error: str | None = None  # "ExceptionType: first line of the message" when the path raised
 
     @property
     def ok(self) -> bool:
-        return self.rel_err <= self.bound  # NaN compares False: an unwritten element fails
+        # NaN compares False: an unwritten element fails.
+        return self.error is None and self.rel_err <= self.bound
+
+    @property
+    def method(self) -> str:
+        """The bench method this path checks: the path without its extra settings ("[auto,top_k=1]" -> "[auto]")."""
+        name, _, inner = self.path.partition("[")
+        return f"{name}[{inner.split(',')[0].rstrip(']')}]" if inner else name
+
+    def why(self) -> str:
+        if self.error is not None:
+            return f"raised {self.error}"
+        return f"{self.tensor} rel err {self.rel_err:.2e} > bound {self.bound:.2e}"
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "ok": self.ok, "method": self.method}
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
+
+def _checked(path: str, run: Callable[[], list[CheckResult]]) -> list[CheckResult]:
+    """``run()``'s results, or one error result for ``path`` if it raised (the other paths still run)."""
+    try:
+        return run()
+    except Exception as exc:  # any failure of one path is that path's result, not the end of the check
+        return [CheckResult(path, "error", math.nan, math.nan, _describe(exc))]
+
+
+def failed_methods(results: list[CheckResult]) -> dict[str, str]:
+    """Bench method name -> why its check failed (every failing tensor or the exception), for failed paths only."""
+    why: dict[str, list[str]] = {}
+    for r in results:
+        if not r.ok:
+            why.setdefault(r.method, []).append(f"{r.path} {r.why()}" if r.path != r.method else r.why())
+    return {m: "; ".join(reasons) for m, reasons in why.items()}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -76,6 +117,11 @@ def _bounds(dtype: torch.dtype, lowp_errors: list[float]) -> list[float]:
     return [2.0 * e for e in lowp_errors]
 
 
+def _results(path: str, names: list[str], got: list, refs: list, bounds: list[float]) -> list[CheckResult]:
+    rows = zip(names, got, refs, bounds, strict=True)
+    return [CheckResult(path, name, rel_err(g, r), bound) for name, g, r, bound in rows]
+
+
 def run_check(device: torch.device, dtype: torch.dtype, seed: int = 0) -> list[CheckResult]:
     """Check every runnable backend on a small case; returns one result per (path, tensor)."""
     gen = torch.Generator().manual_seed(seed)
@@ -101,30 +147,41 @@ def run_check(device: torch.device, dtype: torch.dtype, seed: int = 0) -> list[C
     for backend, reason in runnable_backends(q, k, v).items():
         if reason is not None:
             continue
-        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-        with poisoned_outputs():
-            out = moga.group_attention(*leaves, ids, num_groups=M, backend=backend)
-            grads = _grads(out, dout, leaves)
-        for name, got, ref, bound in zip(names, [out, *grads], [ref_ga, *ref_ga_grads], ga_bounds, strict=True):
-            results.append(CheckResult(f"group_attention[{backend}]", name, rel_err(got, ref), bound))
+        path = f"group_attention[{backend}]"
+
+        def check_group_attention(backend: str = backend, path: str = path) -> list[CheckResult]:
+            leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+            with poisoned_outputs():
+                out = moga.group_attention(*leaves, ids, num_groups=M, backend=backend)
+                grads = _grads(out, dout, leaves)
+            return _results(path, names, [out, *grads], [ref_ga, *ref_ga_grads], ga_bounds)
+
+        results += _checked(path, check_group_attention)
 
     for top_k in (1, 2):
-        leaves64_l = [*[t.detach().double().requires_grad_(True) for t in (q, k, v)], logits.double().requires_grad_()]
-        ref = moga_attention_ref(*leaves64_l[:3], leaves64_l[3], top_k=top_k)
-        ref_grads = _grads(ref, dout.double(), leaves64_l)
-        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, logits)]
-        with poisoned_outputs():
-            out = moga.moga_attention(*leaves[:3], leaves[3], top_k=top_k)
-            grads = _grads(out, dout, leaves)
-        # moga_attention's bounds: the group_attention yardstick (the gate adds one fp32 multiply).
-        bounds = [*ga_bounds, ga_bounds[0] if dtype not in FIXED_BOUND else max(ga_bounds[0], 1e-5)]
-        for name, got, r, bound in zip([*names, "dlogits"], [out, *grads], [ref, *ref_grads], bounds, strict=True):
-            results.append(CheckResult(f"moga_attention[auto,top_k={top_k}]", name, rel_err(got, r), bound))
+        path = f"moga_attention[auto,top_k={top_k}]"
+
+        def check_moga_attention(top_k: int = top_k, path: str = path) -> list[CheckResult]:
+            leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v, logits)]
+            ref = moga_attention_ref(*leaves64[:3], leaves64[3], top_k=top_k)
+            ref_grads = _grads(ref, dout.double(), leaves64)
+            leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, logits)]
+            with poisoned_outputs():
+                out = moga.moga_attention(*leaves[:3], leaves[3], top_k=top_k)
+                grads = _grads(out, dout, leaves)
+            # moga_attention's bounds: the group_attention yardstick (the gate adds one fp32 multiply).
+            bounds = [*ga_bounds, ga_bounds[0] if dtype not in FIXED_BOUND else max(ga_bounds[0], 1e-5)]
+            return _results(path, [*names, "dlogits"], [out, *grads], [ref, *ref_grads], bounds)
+
+        results += _checked(path, check_moga_attention)
     return results
 
 
 def format_check(results: list[CheckResult]) -> str:
     lines = [f"{'path':<34} {'tensor':<8} {'rel err':>10} {'bound':>10}  ok"]
     for r in results:
+        if r.error is not None:
+            lines.append(f"{r.path:<34} {r.tensor:<8} {'-':>10} {'-':>10}  NO: raised {r.error}")
+            continue
         lines.append(f"{r.path:<34} {r.tensor:<8} {r.rel_err:>10.2e} {r.bound:>10.2e}  {'yes' if r.ok else 'NO'}")
     return "\n".join(lines)

@@ -16,10 +16,11 @@ import torch
 import moga
 from moga.backends import cpu_backend
 from moga.bench.cases import DISTRIBUTIONS, BenchCase, cpu_sweep, gpu_sweep, make_inputs
-from moga.bench.check import format_check, run_check
+from moga.bench.check import CheckResult, failed_methods, format_check, run_check
 from moga.bench.flops import dense_attention_flops, group_attention_flops
 from moga.bench.methods import Method, methods_for, unavailable_backends
-from moga.bench.report import format_table, write_json, write_plot
+from moga.bench.plot import check_plot_path, write_plot
+from moga.bench.report import format_table, write_json
 from moga.bench.timing import peak_extra_memory_bytes, time_call
 
 MODES = ("fwd", "fwd+bwd")
@@ -43,10 +44,16 @@ class Row:
     method: str
     kind: str  # "moga" or "baseline"
     mode: str
-    status: str  # "ok" | "skipped" | "error"
+    status: str  # "ok" | "skipped" | "error" | "check_failed" (dropped: the method failed the correctness check)
     reason: str | None = None
     median_ms: float | None = None
     repeats: int | None = None
+    samples_ms: list[float] | None = None  # every timed call (see timing.py), in order
+    min_ms: float | None = None
+    max_ms: float | None = None
+    q1_ms: float | None = None  # 25th percentile of samples_ms
+    q3_ms: float | None = None  # 75th percentile
+    noisy: bool | None = None  # (q3 - q1) / median > timing.NOISY_REL_IQR
     flops: int | None = None
     tflops: float | None = None
     fraction_of_matmul: float | None = None  # tflops / measured bf16 matmul ceiling (GPU only)
@@ -55,19 +62,43 @@ class Row:
     estimated_s: float | None = None
 
 
+def method_names(device: torch.device | None = None) -> list[str]:
+    """Names of the methods ``moga bench`` times on ``device`` (default: this machine's), from the methods
+    registry (:func:`moga.bench.methods.methods_for`) on a tiny probe case; names do not depend on the case."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probe = BenchCase(64, 2, "balanced", 1, 64, "float32" if device.type == "cpu" else "bfloat16")
+    return [m.name for m in methods_for(probe, device, quick=False)]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present")
     p.add_argument("--quick", action="store_true", help="trimmed sweep (CPU: under two minutes)")
     p.add_argument("--json", metavar="PATH", help="write every figure (check, rows, metadata) as JSON")
-    p.add_argument("--plot", metavar="PATH", help="draw time and TFLOP/s vs N (matplotlib, Agg)")
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="draw time, TFLOP/s and speedup over dense vs N (matplotlib, Agg; missing folders are created)",
+    )
     p.add_argument("--n", type=int, nargs="+", help="override the sweep's sequence lengths")
     p.add_argument("--m", type=int, nargs="+", help="override the sweep's group counts")
     p.add_argument("--dist", choices=DISTRIBUTIONS, nargs="+", help="override the group-size distributions")
     p.add_argument("--heads", type=int, help="override Hq (= Hkv)")
     p.add_argument("--head-dim", type=int, help="override D")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="override the sweep dtype")
-    p.add_argument("--methods", nargs="+", help="only methods whose name contains one of these strings")
-    p.add_argument("--modes", choices=MODES, nargs="+", default=list(MODES))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="only methods whose name contains one of these strings (dense_sdpa always runs: the speedup "
+        f"baseline); methods here: {', '.join(method_names())}",
+    )
+    p.add_argument(
+        "--modes",
+        choices=MODES,
+        nargs="+",
+        default=list(MODES),
+        help="fwd: forward under no_grad; fwd+bwd: forward plus backward of all inputs (default: both)",
+    )
     p.add_argument(
         "--time-limit",
         type=float,
@@ -143,7 +174,26 @@ def _timed_fn(fn, inputs, mode: str):
     return run_bwd
 
 
-def measure_case(case: BenchCase, device: torch.device, args: argparse.Namespace, progress) -> list[Row]:
+def check_method_filters(cases: list[BenchCase], device: torch.device, args: argparse.Namespace) -> None:
+    """Exit with the list of names when a --methods string matches no method of the sweep (a typo)."""
+    if not args.methods:
+        return
+    names = {m.name for c in cases for m in methods_for(c, device, args.quick)}
+    unknown = [s for s in args.methods if not any(s in n for n in names)]
+    if unknown:
+        raise SystemExit(f"moga bench: --methods {unknown} match no method; methods: {', '.join(sorted(names))}")
+
+
+def measure_case(
+    case: BenchCase,
+    device: torch.device,
+    args: argparse.Namespace,
+    progress,
+    dropped: dict[str, str] | None = None,
+) -> list[Row]:
+    """Time every selected method of ``case``; methods in ``dropped`` (name -> why) get rows with status
+    ``check_failed`` and are not run."""
+    dropped = dropped or {}
     inputs = make_inputs(case, device, args.seed)
     rate = ASSUMED_TFLOPS[device.type] * 1e12
     limit = args.time_limit if args.time_limit is not None else (20.0 if device.type == "cuda" else 10.0)
@@ -167,7 +217,9 @@ def measure_case(case: BenchCase, device: torch.device, args: argparse.Namespace
             )
             rows.append(row)
             progress.set_postfix_str(f"{case.label()} {method.name} {mode}")
-            if method.skip_reason:
+            if method.name in dropped:
+                row.status, row.reason = "check_failed", f"failed the correctness check: {dropped[method.name]}"
+            elif method.skip_reason:
                 row.reason = method.skip_reason
             elif backward and not method.differentiable:
                 row.reason = f"no backward on {device.type}"
@@ -183,6 +235,8 @@ def measure_case(case: BenchCase, device: torch.device, args: argparse.Namespace
                     row.status, row.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 else:
                     row.status, row.median_ms, row.repeats = "ok", timing.median_ms, timing.repeats
+                    row.samples_ms, row.min_ms, row.max_ms = timing.samples_ms, timing.min_ms, timing.max_ms
+                    (row.q1_ms, row.q3_ms), row.noisy = timing.quartiles_ms, timing.noisy
                     row.tflops = flops / (timing.median_ms * 1e-3) / 1e12
                     if method.name == "dense_sdpa":
                         dense_ms[mode] = timing.median_ms
@@ -241,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = _resolve_device(args.device)
     cases = build_cases(args, device)
+    check_method_filters(cases, device, args)
+    if args.plot:  # before the sweep: a bad path or a missing matplotlib must not cost the whole run
+        check_plot_path(args.plot)
     env = environment(device)
     print(f"moga bench on {env['device']} ({device.type}), torch {env['torch']}, triton {env['triton']}")
     print(f"backends: {env['backends_available']}; not available: {env['backends_unavailable']}")
@@ -249,26 +306,17 @@ def run(args: argparse.Namespace) -> int:
     if "matmul_bf16_8192_tflops" in env:
         print(f"matmul ceiling (8192^3 bf16 torch.matmul): {env['matmul_bf16_8192_tflops']:.0f} TFLOP/s")
 
-    check = []
+    check: list[CheckResult] = []
+    dropped: dict[str, str] = {}
     if not args.no_check:
-        dtype = cases[0].torch_dtype
-        print(f"\ncorrectness check vs float64 reference ({dtype}, {device.type}):")
-        check = run_check(device, dtype, args.seed)
-        print(format_check(check))
-        failed = [c for c in check if not c.ok]
-        if failed:
-            names = ", ".join(f"{c.path}:{c.tensor}" for c in failed)
-            print(f"\nFAILED: moga disagrees with dense attention ({names}); no timings taken.", file=sys.stderr)
-            if args.json:
-                write_json(args.json, env, check, [])
-            return 1
+        check, dropped = _run_check(cases, device, args)
 
     total = sum(len(selected_methods(c, device, args)) for c in cases) * len(args.modes)
     rows: list[Row] = []
     ceiling = env.get("matmul_bf16_8192_tflops")
     with tqdm(total=total, desc="sweep", unit="call", file=sys.stderr) as progress:
         for case in cases:
-            case_rows = measure_case(case, device, args, progress)
+            case_rows = measure_case(case, device, args, progress, dropped)
             for r in case_rows:
                 if ceiling and r.tflops is not None:
                     r.fraction_of_matmul = r.tflops / ceiling
@@ -281,11 +329,42 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, env, check, rows)
         print(f"wrote {args.json}")
+    status = 0
     if args.plot:
-        write_plot(args.plot, rows, env)
-        print(f"wrote {args.plot}")
+        try:
+            write_plot(args.plot, rows, env)
+            print(f"wrote {args.plot}")
+        except (ValueError, OSError) as exc:  # the table and the JSON above stay
+            print(f"FAILED: plot not written: {exc}", file=sys.stderr)
+            status = 1
+    if dropped:
+        print(f"FAILED: correctness check of {', '.join(sorted(dropped))}; their timings were dropped", file=sys.stderr)
+        status = 1
     moga_errors = [r for r in rows if r.status == "error" and r.kind == "moga"]
     if moga_errors:
         print(f"FAILED: {len(moga_errors)} moga measurement(s) raised; see the table", file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    return status
+
+
+def _run_check(
+    cases: list[BenchCase], device: torch.device, args: argparse.Namespace
+) -> tuple[list[CheckResult], dict[str, str]]:
+    """The correctness check; returns its results and the methods to drop (name -> why). A path that fails drops
+    only its own method; if the check itself cannot run (its reference raised), every moga method is dropped."""
+    dtype = cases[0].torch_dtype
+    print(f"\ncorrectness check vs float64 reference ({dtype}, {device.type}):")
+    try:
+        check = run_check(device, dtype, args.seed)
+    except Exception as exc:  # the shared reference part: nothing of moga can be trusted without it
+        why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        check = [CheckResult("check", "error", float("nan"), float("nan"), why)]
+        print(format_check(check))
+        moga_methods = {m.name for c in cases for m in selected_methods(c, device, args) if m.kind == "moga"}
+        dropped = {name: f"the check itself raised {why}" for name in moga_methods}
+    else:
+        print(format_check(check))
+        dropped = failed_methods(check)
+    for name, why in sorted(dropped.items()):
+        print(f"FAILED check: {name} ({why}); its timings are dropped, the others are still timed", file=sys.stderr)
+    return check, dropped
