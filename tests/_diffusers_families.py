@@ -105,7 +105,6 @@ FAMILIES: dict[str, Callable] = {
     "CogVideoXTransformer3DModel": _cogvideox,
     "MochiTransformer3DModel": _mochi,
 }
-JOINT = ("HunyuanVideoTransformer3DModel", "CogVideoXTransformer3DModel", "MochiTransformer3DModel")
 
 
 def output(model: torch.nn.Module, inputs: dict, **kwargs) -> torch.Tensor:
