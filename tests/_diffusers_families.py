@@ -55,11 +55,12 @@ def _ltx():
     return model, inputs
 
 
-def _hunyuan_video():
+def _hunyuan_video(image_condition_type: str | None = None):
     model = diffusers.HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
         num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=False,
         text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(8, 12, 12),
+        image_condition_type=image_condition_type,
     ).eval()  # fmt: skip
     inputs = dict(
         hidden_states=torch.randn(LATENT_5D), timestep=torch.tensor([500, 300]),
@@ -109,3 +110,8 @@ FAMILIES: dict[str, Callable] = {
 
 def output(model: torch.nn.Module, inputs: dict, **kwargs) -> torch.Tensor:
     return model(**inputs, **kwargs, return_dict=False)[0]
+
+
+def hunyuan_video_token_replace():
+    """HunyuanVideo I2V's token-replace variant (other block classes, the same attention)."""
+    return _hunyuan_video("token_replace")

@@ -22,7 +22,7 @@ from moga.integrations.diffusers import (  # noqa: E402
     moga_balance_loss,
     moga_processors,
 )
-from tests._diffusers_families import FAMILIES, WAN_ARGS, output  # noqa: E402
+from tests._diffusers_families import FAMILIES, WAN_ARGS, hunyuan_video_token_replace, output  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
 
@@ -113,9 +113,9 @@ def test_supported_models_are_the_tested_families():
     assert set(SUPPORTED_MODELS) == {"WanTransformer3DModel", *FAMILIES}
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", [*FAMILIES, "HunyuanVideo token_replace"])
 def test_one_group_without_static_branches_matches_the_stock_model(name):
-    model, x = FAMILIES[name]()
+    model, x = hunyuan_video_token_replace() if name == "HunyuanVideo token_replace" else FAMILIES[name]()
     n_layers = len(moga_processors(model))
     with torch.no_grad():
         want = output(model, x)
