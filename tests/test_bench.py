@@ -488,3 +488,47 @@ def test_compile_check_on_small_kernels(tmp_path: Path) -> None:
     assert rows["scale_rows[fp32,B=1024,dup]"]["registers"] == clean["registers"]
     big = rows["big_tile[fp32,BM=256,D=256]"]
     assert big["spill_bytes"] > 0 and any("spills" in p for p in big["problems"])
+
+
+# ---------------------------------------------------------------- bench/build_log.py (make build's output)
+
+
+def _load_build_log():
+    name = "moga_bench_build_log"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "build_log.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+NINJA_LOG = """\
+running build_ext
+[1/3] c++ -MMD -MF /b/csrc/ops.o.d -O3 -c -c /repo/csrc/ops.cpp -o /b/csrc/ops.o -O3
+[2/3] /usr/local/cuda/bin/nvcc --generate-dependencies-with-compile -c -c /repo/csrc/cuda/scan.cu -o /b/scan.o -O3
+"""
+
+
+def test_build_log_summarises_ptxas_and_counts_objects(tmp_path: Path) -> None:
+    bl = _load_build_log()
+    log = NINJA_LOG + PTXAS_CLEAN_SM80 + PTXAS_SPILL_SM90 + PTXAS_STATIC_SMEM
+    text = bl.summary(log)
+    assert text.splitlines()[0] == "compiled 2 object(s)"
+    assert "ptxas: 3 kernel(s) (sm_80: 1, sm_90a: 2); most registers 255 (attn, sm_90a); 1 SPILL(S):" in text
+    assert "attn on sm_90a: 3292 B spill stores, 3084 B spill loads" in text
+    assert "make build PTXAS=1" in text and len(text.splitlines()) == 4  # a summary, not ptxas's raw lines
+    assert "tile_sum" in bl.summary(log, table=True)  # the per-kernel table on request
+    assert bl.summary("nothing to do\n") == "compiled 0 object(s) (all up to date)"
+
+
+def test_build_log_runs_a_command_and_keeps_its_output(tmp_path: Path, capsys) -> None:
+    bl = _load_build_log()
+    log = tmp_path / "sub" / "build.log"
+    script = "print('[1/1] g++ -c -c /x/csrc/a.cpp -o a.o'); print('detail')"
+    assert bl.main(["--log", str(log), "--", sys.executable, "-c", script]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] " in out and "a.cpp" in out and "detail" not in out and "compiled 1 object(s)" in out
+    assert "detail" in log.read_text()
+    assert bl.main(["--log", str(log), "--", sys.executable, "-c", "print('boom'); raise SystemExit(3)"]) == 3
+    assert "boom" in capsys.readouterr().out  # a failure shows the log's tail
