@@ -9,6 +9,7 @@ import torch
 from moga.integrations._block_causal import block_causal_layer_attention
 from moga.reference import masked_attention_ref, topk_membership_ref
 from moga.window import window_mask_ref
+from tests._gpu_backends import gpu_backends
 from tests.utils import TOL, rel_err
 
 diffusers = pytest.importorskip("diffusers")
@@ -38,14 +39,17 @@ def block_causal_ref(q, k, v, logits, top_k, window, shots, ctx):
     return sum(branches) / len(branches)
 
 
-@pytest.mark.parametrize("backend,top_k", [("torch", 1), ("cpu", 2), ("triton", 2)])
-def test_block_causal_branches_match_dense_reference_with_gradients(backend, top_k):
+CASES = [("torch", "cpu", 1), ("cpu", "cpu", 2), ("triton", "cpu", 2)] + [(b, "cuda", 2) for b in gpu_backends()]
+
+
+@pytest.mark.parametrize("backend,device,top_k", CASES)
+def test_block_causal_branches_match_dense_reference_with_gradients(backend, device, top_k):
     q, k, v = (torch.randn(B, N, H, D, requires_grad=True) for _ in range(3))
     logits = torch.randn(B, N, M, requires_grad=True)
     got = block_causal_layer_attention(
-        q, k, v, logits, frames_per_block=FPB, grid=GRID, top_k=top_k, window=(3, 1, 2), frame_attention=True,
-        shot_starts=[3], context_frames=1, backend=backend,
-    )  # fmt: skip
+        q.to(device), k.to(device), v.to(device), logits.to(device), frames_per_block=FPB, grid=GRID, top_k=top_k,
+        window=(3, 1, 2), frame_attention=True, shot_starts=[3], context_frames=1, backend=backend,
+    ).cpu()  # fmt: skip
     want = block_causal_ref(q, k, v, logits, top_k, (3, 1, 2), [3], 1)
     assert rel_err(got, want) < 1e-5
     w = torch.randn_like(want)

@@ -11,6 +11,7 @@ import torch
 from moga.integrations._core import joint_moga_attention
 from moga.reference import masked_attention_ref, topk_membership_ref
 from moga.window import window_mask_ref
+from tests._gpu_backends import gpu_backends
 from tests.utils import rel_err
 
 B, H, D, M, K = 2, 2, 32, 3, 2
@@ -53,18 +54,20 @@ def joint_ref(q, k, v, logits, valid, video_first, pad_queries, window=None, fra
     return out
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
-@pytest.mark.parametrize("video_first", [True, False])
-@pytest.mark.parametrize("pad_queries", ["attend", "zero"])
-def test_joint_attention_matches_dense_reference_with_gradients(backend, video_first, pad_queries):
-    if backend == "triton" and (pad_queries == "attend" or video_first):
-        pytest.skip("one case through the Triton interpreter keeps the test time down")
+CASES = [(b, "cpu", vf, pad) for b in ("torch", "cpu") for vf in (True, False) for pad in ("attend", "zero")]
+CASES += [("triton", "cpu", False, "zero")]  # one case through the Triton interpreter keeps the test time down
+CASES += [(b, "cuda", vf, pad) for b in gpu_backends() for vf in (True, False) for pad in ("attend", "zero")]
+
+
+@pytest.mark.parametrize("backend,device,video_first,pad_queries", CASES)
+def test_joint_attention_matches_dense_reference_with_gradients(backend, device, video_first, pad_queries):
     q, k, v = (torch.randn(B, NV + NT, H, D, requires_grad=True) for _ in range(3))
     logits = torch.randn(B, NV, M, requires_grad=True)
     got = joint_moga_attention(
-        q, k, v, logits, num_text=NT, video_first=video_first, text_valid=VALID, pad_queries=pad_queries, top_k=K,
-        grid=GRID, window=(2, 1, 2), frame_attention=True, shot_starts=[1], context_frames=1, backend=backend,
-    )  # fmt: skip
+        q.to(device), k.to(device), v.to(device), logits.to(device), num_text=NT, video_first=video_first,
+        text_valid=VALID.to(device), pad_queries=pad_queries, top_k=K, grid=GRID, window=(2, 1, 2),
+        frame_attention=True, shot_starts=[1], context_frames=1, backend=backend,
+    ).cpu()  # fmt: skip
     want = joint_ref(q, k, v, logits, VALID, video_first, pad_queries, (2, 1, 2), True, [1], 1)
     assert rel_err(got, want) < 1e-5
     if pad_queries == "zero":

@@ -11,6 +11,7 @@ import torch
 
 from moga import moga_attention
 from moga.reference import moga_attention_ref
+from tests._gpu_backends import gpu_backends
 from tests.utils import rel_err
 
 H, D, M = 2, 32, 3
@@ -34,12 +35,17 @@ def make_valid(N: int) -> torch.Tensor:
     return valid
 
 
-@pytest.mark.parametrize("backend,N,top_k", [("torch", 37, 1), ("cpu", 37, 2), ("cpu", 70, 1), ("triton", 70, 2)])
-def test_valid_matches_reference_on_valid_tokens_with_gradients(backend, N, top_k):
+CASES = [("torch", "cpu", 37, 1), ("cpu", "cpu", 37, 2), ("cpu", "cpu", 70, 1), ("triton", "cpu", 70, 2)]
+CASES += [(b, "cuda", n, top_k) for b in gpu_backends() for n, top_k in ((37, 1), (300, 2))]
+
+
+@pytest.mark.parametrize("backend,device,N,top_k", CASES)
+def test_valid_matches_reference_on_valid_tokens_with_gradients(backend, device, N, top_k):
     q, k, v = (torch.randn(3, N, H, D, requires_grad=True) for _ in range(3))
     logits = torch.randn(3, N, M, requires_grad=True)
     valid = make_valid(N)
-    got = moga_attention(q, k, v, logits, top_k=top_k, backend=backend, valid=valid)
+    dev = [t.to(device) for t in (q, k, v, logits)]
+    got = moga_attention(*dev, top_k=top_k, backend=backend, valid=valid.to(device)).cpu()
     want = valid_rows_ref(q, k, v, logits, valid, top_k)
     assert rel_err(got, want) < 1e-5
     assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))  # exactly zero, not merely small
