@@ -19,14 +19,7 @@ from moga.gate import gated_unpermute
 from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, routed_layout, sort_by_segment
 from moga.modules import WindowArg, resolve_window
 from moga.router import route_tokens
-from moga.window import check_context_frames, check_grid, normalize_shot_starts, window_layout
-
-
-def _segment_of_positions(offsets: torch.Tensor, length: int) -> torch.Tensor:
-    """(length,) segment of each position of a layout's index list; -1 past the last segment."""
-    pos = torch.arange(length, device=offsets.device, dtype=torch.int64)
-    seg = torch.searchsorted(offsets, pos, right=True) - 1
-    return torch.where(pos < offsets[-1], seg, torch.full_like(seg, -1))
+from moga.window import _segment_of_positions, check_context_frames, check_grid, normalize_shot_starts, window_layout
 
 
 def restrict_block_causal(layout: RoutedLayout, block_of_row: torch.Tensor, num_blocks: int) -> RoutedLayout:
@@ -54,6 +47,7 @@ def restrict_block_causal(layout: RoutedLayout, block_of_row: torch.Tensor, num_
     segments = SegmentLayout(
         q_index=seg.q_index[q_order], q_offsets=q_offsets, k_index=k_rows[k_order], k_offsets=k_offsets,
         num_tokens=seg.num_tokens, q_unique=seg.q_unique, k_unique=seg.k_unique and nb == 1,
+        max_q_len=seg.max_q_len, max_k_len=seg.max_k_len,  # each new segment is a part of an old one
     )  # fmt: skip
     return RoutedLayout(segments=segments, position=inverse_permutation(q_order)[layout.position], top_k=layout.top_k)
 

@@ -28,11 +28,11 @@ from moga._checks import softmax_scale_or_default
 from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
 from moga.functional import _segment_outputs
 from moga.gate import gated_unpermute
-from moga.integrations._block_causal import _segment_of_positions, block_causal_layer_attention
+from moga.integrations._block_causal import block_causal_layer_attention
 from moga.layout import RoutedLayout, SegmentLayout, routed_layout, sort_by_segment
 from moga.modules import WindowArg, moga_layer_attention, resolve_window
 from moga.router import group_balance_loss, route_tokens
-from moga.window import check_context_frames, check_grid, normalize_shot_starts, window_layout
+from moga.window import _segment_of_positions, check_context_frames, check_grid, normalize_shot_starts, window_layout
 
 PAD_QUERY_MODES = ("attend", "zero")
 
@@ -225,7 +225,8 @@ def with_global_keys(
     order, k_offsets = sort_by_segment(keys, S)  # stable: a segment's own keys stay before the text keys
     segments = SegmentLayout(
         q_index=q_index, q_offsets=seg.q_offsets, k_index=rows[order], k_offsets=k_offsets,
-        num_tokens=batch * N, q_unique=seg.q_unique, k_unique=False,
+        num_tokens=batch * N, q_unique=seg.q_unique, k_unique=False, max_q_len=seg.max_q_len,
+        max_k_len=None if seg.max_k_len is None else seg.max_k_len + num_text,
     )  # fmt: skip
     return replace(layout, segments=segments)
 
@@ -261,7 +262,7 @@ def text_query_layout(
     position[q_order] = torch.arange(q_order.numel(), device=device, dtype=torch.int64)
     segments = SegmentLayout(
         q_index=text_rows.reshape(-1)[q_order], q_offsets=q_offsets, k_index=k_rows[k_order], k_offsets=k_offsets,
-        num_tokens=batch * N, q_unique=True, k_unique=True,
+        num_tokens=batch * N, q_unique=True, k_unique=True, max_q_len=num_text, max_k_len=N,
     )  # fmt: skip
     return RoutedLayout(segments=segments, position=position, top_k=1)
 
