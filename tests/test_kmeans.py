@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -196,8 +198,10 @@ def test_router_from_kmeans_argmax_equals_labels(shape, M):
     # logits are the scaled scores x.c - |c|^2 / 2 of the nearest-centroid rule
     c = centroids[0]
     scores = x.reshape(-1, shape[-1]).double() @ c.double().t() - 0.5 * c.double().square().sum(-1)
-    ratio = logits.reshape(-1, M).double() / scores
-    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.median())), rtol=1e-3, atol=1e-3)
+    tau = float(c.norm() / router.proj.weight.detach().norm())
+    assert abs(math.log2(tau) - round(math.log2(tau))) < 1e-6  # a power of two
+    scale = float(scores.abs().max())
+    torch.testing.assert_close(logits.reshape(-1, M).double() * tau, scores, rtol=0, atol=1e-5 * scale)
 
 
 def test_router_from_kmeans_explicit_temperature_and_training():

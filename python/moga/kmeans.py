@@ -9,8 +9,8 @@ product, the cluster sums). Extra memory: O(N + M * C) per row (labels and neare
 the centroids) plus one chunk of the scores: the points are visited in chunks of rows so that no N x M matrix is
 held at once (``chunk_size``).
 
-Cluster sums are one-hot matrix products, not scatter-adds, so results are bitwise reproducible for a given seed
-on a given device (no floating-point atomics on CUDA).
+Results are bitwise reproducible for a given seed on a given device: on CUDA the cluster sums are one-hot matrix
+products (no floating-point atomics), on the CPU a sequential ``index_add``.
 """
 
 from __future__ import annotations
@@ -242,10 +242,17 @@ def _lloyd_step(pts: _Points, centroids: torch.Tensor, step: int) -> torch.Tenso
     counts = torch.zeros(rows, M, dtype=dtype, device=dev)
     dist = torch.empty(rows, pts.N, dtype=dtype, device=dev)
 
+    row_base = torch.arange(rows, device=dev).view(rows, 1) * M
+
     def accumulate(a: int, b: int, lab: torch.Tensor, d: torch.Tensor) -> None:
-        onehot = torch.zeros(rows, b - a, M, dtype=dtype, device=dev).scatter_(2, lab.unsqueeze(2), 1.0)
-        sums.add_(torch.bmm(onehot.transpose(1, 2), pts.chunk(a, b)))  # a product, not atomics: reproducible
-        counts.add_(onehot.sum(dim=1))
+        if dev.type == "cpu":  # index_add is sequential (deterministic) on the CPU and half the work of a product
+            flat = (lab + row_base).view(-1)
+            sums.view(rows * M, pts.C).index_add_(0, flat, pts.chunk(a, b).reshape(-1, pts.C))
+            counts.view(-1).index_add_(0, flat, torch.ones(flat.numel(), dtype=dtype))
+        else:  # a one-hot product, not atomics: reproducible on CUDA
+            onehot = torch.zeros(rows, b - a, M, dtype=dtype, device=dev).scatter_(2, lab.unsqueeze(2), 1.0)
+            sums.add_(torch.bmm(onehot.transpose(1, 2), pts.chunk(a, b)))
+            counts.add_(onehot.sum(dim=1))
         dist[:, a:b] = d
 
     _assign(pts, centroids, step, accumulate)
