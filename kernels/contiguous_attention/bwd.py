@@ -25,7 +25,13 @@ import triton.language as tl
 
 from moga import _alloc
 from moga.kernels.contiguous_attention.configs import config, num_programs
-from moga.kernels.contiguous_attention.launch import LOG2E, check_contiguous_inputs, device_guard, use_upcast
+from moga.kernels.contiguous_attention.launch import (
+    LOG2E,
+    check_contiguous_inputs,
+    device_guard,
+    rows_descriptor,
+    use_upcast,
+)
 from moga.kernels.contiguous_attention.tiles import lpt_tile_table
 from moga.kernels.segment_attention.tl_helpers import load_tile, mma
 
@@ -78,14 +84,12 @@ def contiguous_attn_bwd_dq_kernel(
         i_h = i_work % HQ
         i_hk = i_h // GROUP
         q_start, q_end, k_start, k_end = load_tile(Tiles, i_tile)
-        desc_q = tl.make_tensor_descriptor(Q, shape=[q_end, HQ * D], strides=[HQ * D, 1], block_shape=[BLOCK_M, D])
-        desc_do = tl.make_tensor_descriptor(
-            DOut, shape=[q_end, HQ * D], strides=[HQ * D, 1], block_shape=[BLOCK_M, D]
-        )
-        desc_dq = tl.make_tensor_descriptor(DQ, shape=[q_end, HQ * D], strides=[HQ * D, 1], block_shape=[BLOCK_M, D])
+        desc_q = rows_descriptor(Q, q_end, HQ, D, BLOCK_M)
+        desc_do = rows_descriptor(DOut, q_end, HQ, D, BLOCK_M)
+        desc_dq = rows_descriptor(DQ, q_end, HQ, D, BLOCK_M)
         k_rows = tl.maximum(k_end, 1)
-        desc_k = tl.make_tensor_descriptor(K, shape=[k_rows, HKV * D], strides=[HKV * D, 1], block_shape=[BLOCK_N, D])
-        desc_v = tl.make_tensor_descriptor(V, shape=[k_rows, HKV * D], strides=[HKV * D, 1], block_shape=[BLOCK_N, D])
+        desc_k = rows_descriptor(K, k_rows, HKV, D, BLOCK_N)
+        desc_v = rows_descriptor(V, k_rows, HKV, D, BLOCK_N)
         offs_m = q_start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < q_end
         # [BM, D]
@@ -145,19 +149,13 @@ def contiguous_attn_bwd_dkdv_kernel(
         i_tile = i_work // HKV
         i_hk = i_work % HKV
         k_start, k_end, q_start, q_end = load_tile(Tiles, i_tile)
-        desc_k = tl.make_tensor_descriptor(K, shape=[k_end, HKV * D], strides=[HKV * D, 1], block_shape=[BLOCK_N, D])
-        desc_v = tl.make_tensor_descriptor(V, shape=[k_end, HKV * D], strides=[HKV * D, 1], block_shape=[BLOCK_N, D])
-        desc_dk = tl.make_tensor_descriptor(
-            DK, shape=[k_end, HKV * D], strides=[HKV * D, 1], block_shape=[BLOCK_N, D]
-        )
-        desc_dv = tl.make_tensor_descriptor(
-            DV, shape=[k_end, HKV * D], strides=[HKV * D, 1], block_shape=[BLOCK_N, D]
-        )
+        desc_k = rows_descriptor(K, k_end, HKV, D, BLOCK_N)
+        desc_v = rows_descriptor(V, k_end, HKV, D, BLOCK_N)
+        desc_dk = rows_descriptor(DK, k_end, HKV, D, BLOCK_N)
+        desc_dv = rows_descriptor(DV, k_end, HKV, D, BLOCK_N)
         q_rows = tl.maximum(q_end, 1)
-        desc_q = tl.make_tensor_descriptor(Q, shape=[q_rows, HQ * D], strides=[HQ * D, 1], block_shape=[BLOCK_M, D])
-        desc_do = tl.make_tensor_descriptor(
-            DOut, shape=[q_rows, HQ * D], strides=[HQ * D, 1], block_shape=[BLOCK_M, D]
-        )
+        desc_q = rows_descriptor(Q, q_rows, HQ, D, BLOCK_M)
+        desc_do = rows_descriptor(DOut, q_rows, HQ, D, BLOCK_M)
         # [BN, D]
         b_k = desc_k.load([k_start, i_hk * D])
         # [BN, D]

@@ -21,7 +21,13 @@ import triton.language as tl
 
 from moga import _alloc
 from moga.kernels.contiguous_attention.configs import config, num_programs
-from moga.kernels.contiguous_attention.launch import LOG2E, check_contiguous_inputs, device_guard, use_upcast
+from moga.kernels.contiguous_attention.launch import (
+    LOG2E,
+    check_contiguous_inputs,
+    device_guard,
+    rows_descriptor,
+    use_upcast,
+)
 from moga.kernels.contiguous_attention.tiles import lpt_tile_table
 from moga.kernels.segment_attention.tl_helpers import load_tile, mma
 
@@ -83,11 +89,11 @@ def contiguous_attn_fwd_kernel(
         q_start, q_end, k_start, k_end = load_tile(Tiles, i_tile)
         # Clipped at the segment's ends: rows past them load as zeros, stores stop there (q_end > q_start here;
         # k_end may be 0 in a layout with no keys at all, and a descriptor dimension must be positive).
-        desc_q = tl.make_tensor_descriptor(Q, shape=[q_end, HQ * D], strides=[HQ * D, 1], block_shape=[BLOCK_M, D])
-        desc_o = tl.make_tensor_descriptor(Out, shape=[q_end, HQ * D], strides=[HQ * D, 1], block_shape=[BLOCK_M, D])
+        desc_q = rows_descriptor(Q, q_end, HQ, D, BLOCK_M)
+        desc_o = rows_descriptor(Out, q_end, HQ, D, BLOCK_M)
         k_rows = tl.maximum(k_end, 1)
-        desc_k = tl.make_tensor_descriptor(K, shape=[k_rows, HKV * D], strides=[HKV * D, 1], block_shape=[BLOCK_N, D])
-        desc_v = tl.make_tensor_descriptor(V, shape=[k_rows, HKV * D], strides=[HKV * D, 1], block_shape=[BLOCK_N, D])
+        desc_k = rows_descriptor(K, k_rows, HKV, D, BLOCK_N)
+        desc_v = rows_descriptor(V, k_rows, HKV, D, BLOCK_N)
         # [BM, D]
         b_q = desc_q.load([q_start, i_h * D])
         if UPCAST:

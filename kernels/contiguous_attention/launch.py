@@ -1,4 +1,4 @@
-"""Launch helpers shared by the contiguous kernels: device guard, TMA scratch allocator, input checks."""
+"""Helpers shared by the contiguous kernels: device guard, TMA scratch allocator, input checks, descriptors."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 import triton
+import triton.language as tl
 
 from moga.kernels.contiguous_attention.configs import DTYPES, HEAD_DIMS, interpreting
 
@@ -44,3 +45,10 @@ def check_contiguous_inputs(*tensors: tuple[str, torch.Tensor]) -> None:
             raise ValueError(f"{name} must be contiguous with a 16-byte aligned base")
         if t.shape[0] >= 2**31:
             raise ValueError(f"{name} has {t.shape[0]} rows: TMA coordinates are 32-bit (< 2^31 rows)")
+
+
+@triton.jit
+def rows_descriptor(Base, rows, HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """A TMA descriptor over the first ``rows`` rows of a contiguous (L, HEADS, D) tensor, viewed as (rows,
+    HEADS * D), in [BLOCK, D] tiles (one head's columns): loads past ``rows`` give zeros, stores stop there."""
+    return tl.make_tensor_descriptor(Base, shape=[rows, HEADS * D], strides=[HEADS * D, 1], block_shape=[BLOCK, D])

@@ -9,13 +9,13 @@ results are bitwise reproducible (deterministic mode needs nothing extra).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 
 import torch
 
 from moga.backends._autograd import segment_attention_autograd
+from moga.backends._inputs import check_segment_inputs
 from moga.layout import SegmentLayout
 
 # The kernels' own limits (moga.kernels.segment_attention.configs), copied so that asking whether this backend can
@@ -57,25 +57,5 @@ def segment_attention(
     """q (T, Hq, D), k/v (T, Hkv, D) -> (Lq, Hq, D) in segment order; rows outside segments are zero."""
     from moga.kernels.segment_attention import segment_attention_bwd, segment_attention_fwd
 
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have shape (tokens, heads, headdim), got {tuple(t.shape)}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[1] % k.shape[1]:
-        raise ValueError(
-            f"k/v shape {tuple(k.shape)}, {tuple(v.shape)} do not fit q shape {tuple(q.shape)} "
-            "(same tokens and head dim, q heads a multiple of kv heads)"
-        )
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    reason = unsupported_reason(q, k, v)
-    if reason is not None:
-        raise ValueError(f"triton backend cannot run these inputs: {reason}")
-    if layout.num_tokens != q.shape[0]:
-        raise ValueError(f"layout.num_tokens={layout.num_tokens} but q has {q.shape[0]} token rows")
-    for name in ("q_index", "q_offsets", "k_index", "k_offsets"):
-        t = getattr(layout, name)
-        if t.dtype != torch.int64 or t.device != q.device:
-            raise ValueError(f"layout.{name} must be an int64 tensor on {q.device}, got {t.dtype} on {t.device}")
-        if not t.is_contiguous():
-            layout = dataclasses.replace(layout, **{name: t.contiguous()})
+    layout = check_segment_inputs("triton", q, k, v, layout, unsupported_reason(q, k, v))
     return segment_attention_autograd(q, k, v, layout, softmax_scale, segment_attention_fwd, segment_attention_bwd)

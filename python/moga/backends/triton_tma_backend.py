@@ -24,6 +24,7 @@ import os
 import torch
 
 from moga._determinism import deterministic_enabled
+from moga.backends._inputs import check_segment_inputs
 from moga.layout import SegmentLayout
 
 # The kernels' tables (moga.kernels.contiguous_attention.configs), copied so that asking does not import triton.
@@ -104,25 +105,7 @@ def segment_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout, softmax_scale: float
 ) -> torch.Tensor:
     """q (T, Hq, D), k/v (T, Hkv, D) -> (Lq, Hq, D) in segment order; rows outside segments are zero."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have shape (tokens, heads, headdim), got {tuple(t.shape)}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[1] % k.shape[1]:
-        raise ValueError(
-            f"k/v shape {tuple(k.shape)}, {tuple(v.shape)} do not fit q shape {tuple(q.shape)} "
-            "(same tokens and head dim, q heads a multiple of kv heads)"
-        )
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    reason = unsupported_reason(q, k, v, layout)
-    if reason is not None:
-        raise ValueError(f"triton_tma backend cannot run these inputs: {reason}")
-    if layout.num_tokens != q.shape[0]:
-        raise ValueError(f"layout.num_tokens={layout.num_tokens} but q has {q.shape[0]} token rows")
-    for name in ("q_index", "q_offsets", "k_index", "k_offsets"):
-        t = getattr(layout, name)
-        if t.dtype != torch.int64 or t.device != q.device or t.dim() != 1:
-            raise ValueError(f"layout.{name} must be a 1-D int64 tensor on {q.device}, got {t.dtype} on {t.device}")
+    layout = check_segment_inputs("triton_tma", q, k, v, layout, unsupported_reason(q, k, v, layout))
     # One gather per tensor into segment order (contiguous, 16-byte aligned: fresh allocations).
     qs = q.index_select(0, layout.q_index)
     ks = k.index_select(0, layout.k_index)

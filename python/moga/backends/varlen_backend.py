@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from moga._determinism import deterministic_enabled
+from moga.backends._inputs import check_segment_inputs
 from moga.layout import SegmentLayout
 
 # Injection point: a callable with varlen_attn's signature
@@ -183,27 +184,7 @@ def seqlen_bounds(max_q: int | None = None, max_k: int | None = None) -> Iterato
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout) -> SegmentLayout:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have shape (tokens, heads, headdim), got {tuple(t.shape)}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[1] % k.shape[1]:
-        raise ValueError(
-            f"k/v shape {tuple(k.shape)}, {tuple(v.shape)} do not fit q shape {tuple(q.shape)} "
-            "(same tokens and head dim, q heads a multiple of kv heads)"
-        )
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    reason = unsupported_reason(q, k, v)
-    if reason is not None:
-        raise ValueError(f"varlen backend cannot run these inputs: {reason}")
-    if layout.num_tokens != q.shape[0]:
-        raise ValueError(f"layout.num_tokens={layout.num_tokens} but q has {q.shape[0]} token rows")
-    for name in ("q_index", "q_offsets", "k_index", "k_offsets"):
-        t = getattr(layout, name)
-        if t.dtype != torch.int64 or t.device != q.device or t.dim() != 1:
-            raise ValueError(f"layout.{name} must be a 1-D int64 tensor on {q.device}, got {t.dtype} on {t.device}")
-    if layout.k_offsets.numel() != layout.q_offsets.numel():
-        raise ValueError("layout.q_offsets and layout.k_offsets must have the same length (S + 1)")
+    layout = check_segment_inputs("varlen", q, k, v, layout, unsupported_reason(q, k, v))
     reason = _layout_reason(layout)
     if reason is not None:
         raise ValueError(f"varlen backend cannot run this layout: {reason}; use backend='triton'")
