@@ -18,10 +18,38 @@ $(VENV)/.deps: requirements-dev.txt | $(BIN)/python
 
 venv: $(VENV)/.deps
 
-build: venv
-	@$(BIN)/pip install -v --no-build-isolation -e . > $(VENV)/build.log 2>&1 || { tail -80 $(VENV)/build.log; exit 1; }
-	@grep -E "Compiling entry function|Used [0-9]+ registers|spill stores" $(VENV)/build.log | sed "s/^ *//" || true
-	$(BIN)/python -c "import moga; print('moga', moga.__version__, 'backends:', moga.available_backends())"
+# build: the editable install runs only when a build input changed since the last one: csrc/ (files, and folders
+# for added or removed files), setup.py, pyproject.toml, a package __init__.py, the installed requirements, or the
+# build configuration below ($(VENV)/.build-config is rewritten only when it differs), or when the extension is
+# missing. The build itself reuses build/ninja-*/ (see setup.py): only changed objects recompile. The terminal gets
+# one line per compiled object and a ptxas summary; the whole output is in $(VENV)/build.log; PTXAS=1 adds the
+# per-kernel register/spill table.
+BUILD_CONFIG := MOGA_BUILD_CUDA=$(MOGA_BUILD_CUDA) MOGA_BUILD_EXT=$(MOGA_BUILD_EXT) MOGA_BUILD_DIR=$(MOGA_BUILD_DIR) \
+	TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CUDA_HOME=$(CUDA_HOME) PYTHON=$(PYTHON)
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -print 2>/dev/null) \
+	$(shell find python kernels -name __init__.py 2>/dev/null)
+ifeq ($(MOGA_BUILD_EXT),0)
+EXT_BUILT := yes
+else
+EXT_BUILT := $(wildcard python/moga/_C*.so)
+endif
+ifeq ($(EXT_BUILT),)
+.PHONY: $(VENV)/.built  # no extension in place: build whatever the stamp says
+endif
+
+$(VENV)/.build-config: FORCE | $(BIN)/python
+	@echo '$(BUILD_CONFIG)' | cmp -s - $@ || echo '$(BUILD_CONFIG)' > $@
+
+$(VENV)/.built: $(BUILD_INPUTS) $(VENV)/.deps $(VENV)/.build-config
+	@echo "building moga (a build input changed or the extension is missing; unchanged objects are reused) ..."
+	@$(BIN)/python bench/build_log.py --log $(VENV)/build.log $(if $(PTXAS),--ptxas-table) -- \
+		$(BIN)/pip install -v --no-build-isolation -e .
+	@touch $@
+
+build: venv $(VENV)/.built
+	@$(BIN)/python -c "import moga; print('moga', moga.__version__, 'backends:', moga.available_backends())"
+
+FORCE:
 
 lint: venv
 	$(BIN)/ruff check python kernels tests bench examples setup.py
@@ -34,4 +62,4 @@ bench: build
 	$(BIN)/moga bench --quick
 
 clean:
-	rm -rf build python/moga/_C*.so *.egg-info python/*.egg-info
+	rm -rf build python/moga/_C*.so *.egg-info python/*.egg-info $(VENV)/.built $(VENV)/.build-config

@@ -9,6 +9,11 @@ subpackage ``moga.kernels``. The compiled extension ``moga._C`` is built from ``
   ``TORCH_CUDA_ARCH_LIST`` defaults to ``8.0;9.0a``.
 * ``MOGA_BUILD_EXT=0`` skips the extension entirely (pure Python install; the ``torch`` and ``triton``
   backends still work).
+
+Objects are compiled by ninja in a fixed folder, ``build/ninja-<python>`` (``MOGA_BUILD_DIR`` overrides), not in
+the temporary folder ``pip install -e`` would use: a rebuild recompiles only the sources whose text, included
+headers (ninja's depfiles, torch's headers included) or compile command changed, then relinks. ``make build`` also
+skips the whole step when no build input changed (see the Makefile).
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_DIR = os.environ.get("MOGA_BUILD_DIR") or os.path.join(
+    ROOT, "build", f"ninja-py{sys.version_info[0]}{sys.version_info[1]}"
+)
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:
@@ -98,8 +107,24 @@ def _extensions() -> tuple[list, dict]:
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
-    return [ext], cmdclass
+    return [ext], {"build_ext": _persistent_build_ext(cpp_extension.BuildExtension)}
+
+
+def _persistent_build_ext(base: type) -> type:
+    """torch's BuildExtension (ninja) compiling into BUILD_DIR whatever build folder setuptools or pip chose, so
+    ninja's objects and .ninja_log survive between builds. Ninja rebuilds an object when its source, a header it
+    includes or its command line changed (another torch, flags, arch list or include path): reuse is safe."""
+
+    class PersistentBuildExtension(base):
+        def __init__(self, *args, **kwargs):
+            kwargs["use_ninja"] = True
+            super().__init__(*args, **kwargs)
+
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            self.build_temp = BUILD_DIR
+
+    return PersistentBuildExtension
 
 
 packages, package_dir = _packages()
