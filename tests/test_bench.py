@@ -263,13 +263,18 @@ def test_bench_rejects_an_unknown_method_filter(tmp_path: Path) -> None:
         runner.run(_tiny_bench_args(tmp_path, "--methods", "no_such_method"))
 
 
-def test_bench_plot_path_is_prepared_before_the_sweep(monkeypatch, tmp_path: Path) -> None:
-    """--plot into a folder that does not exist: created up front; an unwritable one fails before any timing."""
-    from moga.bench.plot import check_plot_path
-
+def test_bench_plot_folder_is_created_before_the_sweep(monkeypatch, tmp_path: Path) -> None:
+    """--plot into a folder that does not exist: created before any timing (the sweep is stubbed out here)."""
     target = tmp_path / "a" / "b" / "x.png"
-    check_plot_path(str(target))
-    assert target.parent.is_dir()
+    seen = []
+    monkeypatch.setattr(runner, "run_check", lambda *a: seen.append(target.parent.is_dir()) or [])
+    monkeypatch.setattr(runner, "measure_case", lambda *a, **k: [])
+    monkeypatch.setattr(runner, "write_plot", lambda path, rows, env: Path(path).write_bytes(b"png"))
+    assert runner.run(_tiny_bench_args(tmp_path, "--plot", str(target))) == 0
+    assert seen == [True] and target.read_bytes() == b"png"
+
+
+def test_bench_unwritable_plot_folder_fails_before_the_sweep(monkeypatch, tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
