@@ -223,3 +223,25 @@ def test_router_from_kmeans_explicit_temperature_and_training():
 def test_router_from_kmeans_bad_input(args, kwargs):
     with pytest.raises(ValueError):
         moga.MoGARouter.from_kmeans(*args, **kwargs)
+
+
+def test_kmeans_cache_warm_starts_across_calls():
+    """First call cold (k-means++, iters_first); later calls start from the kept centroids (iters_warm)."""
+    from moga.kmeans import KMeansCache
+
+    x = torch.randn(2, 300, 8)
+    cache = KMeansCache(6, iters_first=5, iters_warm=2, seed=3)
+    labels = cache(x)
+    cold_labels, cold_c = moga.kmeans(x, 6, iters=5, seed=3)
+    assert torch.equal(labels, cold_labels) and torch.equal(cache.centroids, cold_c)
+    x2 = x + 0.05 * torch.randn_like(x)  # the next diffusion step: slightly changed activations
+    labels2 = cache(x2)
+    warm_labels, warm_c = moga.kmeans(x2, 6, iters=2, seed=3, init=cold_c)
+    assert torch.equal(labels2, warm_labels) and torch.equal(cache.centroids, warm_c)
+    assert (labels2 == labels).float().mean() > 0.8  # the clustering is carried over
+    cache(torch.randn(1, 300, 8))  # another shape: cold again
+    assert cache.centroids.shape == (1, 6, 8)
+    cache.reset()
+    assert cache.centroids is None
+    with pytest.raises(ValueError):
+        KMeansCache(4, iters_warm=-1)

@@ -263,3 +263,40 @@ def _lloyd_step(pts: _Points, centroids: torch.Tensor, step: int) -> torch.Tenso
     rank = (empty.long().cumsum(dim=1) - 1).clamp_(min=0)
     reseed = pts.gather(far.gather(1, rank))  # (B', M, C)
     return torch.where(empty.unsqueeze(-1), reseed, means)
+
+
+class KMeansCache:
+    """k-means re-used across calls, as Sparse VideoGen2 re-uses its clustering across diffusion steps.
+
+    The first call (or a call whose x has another shape, device or dtype than the previous one) clusters from a
+    k-means++ start with ``iters_first`` iterations; every later call starts from the previous call's centroids and
+    runs ``iters_warm`` iterations. One cache per layer (and per q / k when both are clustered).
+
+    Example: ``cache = KMeansCache(16)``; every step ``labels = cache(k.flatten(2))``.
+    """
+
+    def __init__(self, num_clusters: int, *, iters_first: int = 20, iters_warm: int = 2, seed: int = 0) -> None:
+        for name, val in (("iters_first", iters_first), ("iters_warm", iters_warm)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {val!r}")
+        self.num_clusters, self.iters_first, self.iters_warm, self.seed = num_clusters, iters_first, iters_warm, seed
+        self.centroids: torch.Tensor | None = None
+        self._key: tuple | None = None
+
+    def reset(self) -> None:
+        """Forget the centroids: the next call starts cold."""
+        self.centroids, self._key = None, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, C) or (B, N, H, C) -> labels (B, N) or (B, N, H) int64 (see :func:`kmeans`); keeps the
+        centroids (``self.centroids``) for the next call."""
+        key = (tuple(x.shape), x.device, x.dtype)
+        warm = self.centroids is not None and key == self._key
+        if warm:
+            init: str | torch.Tensor = self.centroids
+            iters = self.iters_warm
+        else:
+            init, iters = "kmeans++", self.iters_first
+        labels, self.centroids = kmeans(x, self.num_clusters, iters=iters, seed=self.seed, init=init)
+        self._key = key
+        return labels
