@@ -300,3 +300,30 @@ class KMeansCache:
         labels, self.centroids = kmeans(x, self.num_clusters, iters=iters, seed=self.seed, init=init)
         self._key = key
         return labels
+
+
+class KMeansRouter(torch.nn.Module):
+    """Training-free routing: groups are the k-means clusters of per-token features (e.g. a layer's keys).
+
+    ``forward(features)``: (B, N, C) -> router logits (B, N, M) float32 that are 0 at the token's cluster and
+    ``-1e4`` elsewhere, so that ``softmax`` gives the cluster a gate of exactly 1 (float32 exp(-1e4) is 0) and
+    :func:`moga.moga_attention` computes plain group attention over the clusters. Clusters are re-used across calls
+    through a :class:`KMeansCache` (cold start, then warm starts: the diffusion-step re-use of Sparse VideoGen2).
+    No parameters: nothing to train, and the balance loss of these logits is a constant.
+    """
+
+    def __init__(self, num_groups: int, *, iters_first: int = 20, iters_warm: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        self.num_groups = num_groups
+        self.cache = KMeansCache(num_groups, iters_first=iters_first, iters_warm=iters_warm, seed=seed)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 3:
+            raise ValueError(f"features must have shape (B, N, C), got {tuple(features.shape)}")
+        labels = self.cache(features.detach())
+        logits = torch.full((*labels.shape, self.num_groups), -1e4, dtype=torch.float32, device=features.device)
+        return logits.scatter_(-1, labels.unsqueeze(-1), 0.0)
+
+    def extra_repr(self) -> str:
+        c = self.cache
+        return f"num_groups={self.num_groups}, iters_first={c.iters_first}, iters_warm={c.iters_warm}, seed={c.seed}"

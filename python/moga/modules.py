@@ -19,6 +19,7 @@ from torch import nn
 
 from moga._checks import check_num_groups, check_top_k
 from moga.functional import moga_attention
+from moga.kmeans import KMeansRouter
 from moga.router import MoGARouter, group_balance_loss
 from moga.window import Grid, check_context_frames, check_grid, check_window, normalize_shot_starts, window_attention
 
@@ -221,6 +222,10 @@ class MoGAAttention(nn.Module):
         top_k: groups per token. context_frames: cross-shot context frames of STGA.
         qk_norm: RMSNorm (eps 1e-6, learned scale) over the full q and k projections, as Wan 2.1.
         bias: bias of the q/k/v/output projections. router_bias: bias of the router.
+        router: "learned" (the paper's :class:`MoGARouter` on x) or "kmeans": training-free groups, the k-means
+            clusters of the layer's keys (heads concatenated, after qk-norm and rotary embedding) with a gate of 1,
+            re-used across calls (:class:`moga.kmeans.KMeansRouter`; call ``layer.router.cache.reset()`` for a
+            new video). Needs top_k = 1 and no sequence parallelism.
         backend: segment-attention backend for every branch.
         sequence_parallel_group: run with Ulysses sequence parallelism over this group: x is then this rank's
             contiguous shard (B, N/P, dim) while ``grid`` and ``shot_starts`` describe the whole sequence.
@@ -247,8 +252,13 @@ class MoGAAttention(nn.Module):
         context_frames: int = 0,
         backend: str = "auto",
         sequence_parallel_group: object | None = None,
+        router: str = "learned",
     ) -> None:
         super().__init__()
+        if router not in ("learned", "kmeans"):
+            raise ValueError(f"router must be 'learned' or 'kmeans', got {router!r}")
+        if router == "kmeans" and (top_k != 1 or sequence_parallel_group is not None):
+            raise ValueError("router='kmeans' needs top_k=1 and no sequence_parallel_group (it clusters local keys)")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
@@ -267,7 +277,8 @@ class MoGAAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim, bias=bias)
         self.norm_q = nn.RMSNorm(dim, eps=QK_NORM_EPS) if qk_norm else nn.Identity()
         self.norm_k = nn.RMSNorm(kv_dim, eps=QK_NORM_EPS) if qk_norm else nn.Identity()
-        self.router = MoGARouter(dim, num_groups, bias=router_bias)
+        self.router_kind = router
+        self.router = KMeansRouter(num_groups) if router == "kmeans" else MoGARouter(dim, num_groups, bias=router_bias)
         self.last_balance_loss: torch.Tensor | None = None
 
     def forward(
@@ -295,7 +306,7 @@ class MoGAAttention(nn.Module):
         if rotary_emb is not None:
             q = apply_rotary_interleaved(q, *rotary_emb)
             k = apply_rotary_interleaved(k, *rotary_emb)
-        logits = self.router(x)
+        logits = self.router(k.reshape(B, N, -1) if self.router_kind == "kmeans" else x)
         out = moga_layer_attention(
             q, k, v, logits, top_k=self.top_k, grid=grid, window=self.window, frame_attention=self.frame_attention,
             shot_starts=shot_starts, context_frames=self.context_frames, backend=self.backend,
