@@ -197,3 +197,13 @@ def test_deterministic_flag_bitwise(backend):
         runs.append([out, *torch.autograd.grad(out, (q, k, v), dout)])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_centroid_sums_chunked(monkeypatch):
+    """The centroid sums run over chunks of tokens (no (B, N, M) one-hot at once): same selection as the reference."""
+    import moga.cluster
+
+    monkeypatch.setattr(moga.cluster, "_CHUNK_ELEMENTS", 40)  # chunks of 40 // (2 * 6) = 3 tokens
+    (q, k, _), ql, kl = _clustered(2, 100, 2, 2, 16, 6, 6)
+    got = select_cluster_pairs(q, k, ql, kl, 6, 6, top_p=0.6, min_clusters=1, softmax_scale=0.25)
+    assert torch.equal(got, cluster_pairs_ref(q.detach(), k.detach(), ql, kl, 0.6, softmax_scale=0.25))

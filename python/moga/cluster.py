@@ -33,6 +33,8 @@ from moga._checks import check_qkv, softmax_scale_or_default
 from moga.functional import _run_segments
 from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, sort_by_segment
 
+_CHUNK_ELEMENTS = 1 << 23  # one-hot elements per chunk of the centroid sums
+
 
 def _check_labels(name: str, labels: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
     if not isinstance(labels, torch.Tensor):
@@ -65,10 +67,15 @@ def _cluster_means(x: torch.Tensor, labels: torch.Tensor, M: int, dtype: torch.d
 
     A one-hot product (no atomics): reproducible on every device."""
     B, N, H, D = x.shape
-    onehot = (labels.unsqueeze(-1) == torch.arange(M, device=labels.device)).to(dtype)  # (B, N, M); -1 matches none
-    sums = torch.bmm(onehot.transpose(1, 2), x.detach().reshape(B, N, H * D).to(dtype)).view(B, M, H, D)
-    counts = onehot.sum(1)
-    return sums / counts.clamp(min=1).view(B, M, 1, 1), counts
+    sums = torch.zeros(B, M, H * D, dtype=dtype, device=x.device)
+    counts = torch.zeros(B, M, dtype=dtype, device=x.device)
+    ids = torch.arange(M, device=labels.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, B * M))  # no (B, N, M) one-hot at once
+    for a in range(0, N, step):
+        onehot = (labels[:, a : a + step].unsqueeze(-1) == ids).to(dtype)  # (B, n, M); label -1 matches none
+        sums += torch.bmm(onehot.transpose(1, 2), x[:, a : a + step].detach().reshape(B, -1, H * D).to(dtype))
+        counts += onehot.sum(1)
+    return (sums / counts.clamp(min=1).unsqueeze(-1)).view(B, M, H, D), counts
 
 
 def select_cluster_pairs(
