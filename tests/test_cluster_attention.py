@@ -207,3 +207,17 @@ def test_centroid_sums_chunked(monkeypatch):
     (q, k, _), ql, kl = _clustered(2, 100, 2, 2, 16, 6, 6)
     got = select_cluster_pairs(q, k, ql, kl, 6, 6, top_p=0.6, min_clusters=1, softmax_scale=0.25)
     assert torch.equal(got, cluster_pairs_ref(q.detach(), k.detach(), ql, kl, 0.6, softmax_scale=0.25))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda", "torch"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_cuda_against_reference(backend, per_head):
+    if backend not in ("auto", *moga.available_backends()):
+        pytest.skip(f"backend {backend} not available")
+    (q, k, v), ql, kl = _clustered(2, 300, 4, 2, 64, 6, 7)
+    if per_head:
+        ql, kl = torch.randint(0, 6, (2, 300, 4)), torch.randint(0, 7, (2, 300, 2))
+    q, k, v = (t.detach().cuda().requires_grad_(True) for t in (q, k, v))
+    _check_fwd_bwd(backend, q, k, v, ql.cuda(), kl.cuda(), top_p=0.7)
