@@ -59,8 +59,9 @@ class MoGARouter(nn.Module):
             temperature: divides the logits so that the initial gates p = softmax(logits) are not flat. None
                 picks one from the data: the median gap between each token's best and second-best logit,
                 halved, rounded to a power of two (a median top-1 / top-2 probability ratio of about e^2). A
-                power of two keeps the argmax bitwise equal to the k-means labels; other values can flip exact
-                near-ties through rounding.
+                power of two scales the scores exactly, so the argmax equals the k-means labels (tested on the
+                CPU; on CUDA the router's GEMM and k-means' batched GEMM may round an exact near-tie
+                differently); other values can also flip near-ties through rounding.
             iters, seed, init: passed to :func:`moga.kmeans`.
 
         Returns: a ``MoGARouter(dim, num_groups, bias=True)`` on x's device, float32 parameters (float64 for
