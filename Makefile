@@ -7,7 +7,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
 export MAX_JOBS ?= 2
 
-.PHONY: venv build test bench lint clean
+.PHONY: venv build test compile-check bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,24 @@ lint: venv
 
 test: build lint
 	$(BIN)/python -m pytest -q -ra
-	$(BIN)/python bench/compile_check.py
+	@$(MAKE) --no-print-directory compile-check
+
+# The compile check under the venv's Triton (torch's pin) and under the GPU machine's (TRITON_GPU, installed beside
+# it with --target, used through PYTHONPATH; kept in the venv between runs). Both run and report; any failing row
+# of either fails the target. Tables: $(VENV)/compile_check-triton-*.json. See docs/kernels.md.
+TRITON_GPU ?= 3.6.0
+TRITON_GPU_DIR := $(VENV)/triton-$(TRITON_GPU)
+
+$(TRITON_GPU_DIR)/.installed: | $(BIN)/python
+	$(BIN)/pip install -q --no-deps --upgrade --target $(TRITON_GPU_DIR) triton==$(TRITON_GPU)
+	touch $@
+
+compile-check: venv $(TRITON_GPU_DIR)/.installed
+	@rc=0; \
+	$(BIN)/python bench/compile_check.py --json $(VENV)/compile_check-triton-venv.json || rc=1; \
+	PYTHONPATH=$(abspath $(TRITON_GPU_DIR)) $(BIN)/python bench/compile_check.py --expect-triton $(TRITON_GPU) \
+		--json $(VENV)/compile_check-triton-$(TRITON_GPU).json || rc=1; \
+	exit $$rc
 
 bench: build
 	$(BIN)/moga bench --quick

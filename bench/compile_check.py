@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 # Shared memory a block may use (opt-in maximum): 227 KB on sm_90, 163 KB on sm_80.
@@ -346,6 +347,20 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _progress(results: Iterator[Row], total: int, t0: float, every: int = 25) -> list[Row]:
+    """Collect ``results`` (in job order), printing a progress line every ``every`` compiles."""
+    done: list[Row] = []
+    for row in results:
+        done.append(row)
+        if len(done) % every == 0 and len(done) < total:
+            failing = sum(1 for r in done if r.problems)
+            print(
+                f"compile_check: {len(done)}/{total} compiled, {failing} failing, {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
+    return done
+
+
 def _worker_init() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
 
@@ -392,11 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     if args.jobs <= 1:
-        results = [compile_one(*job) for job in jobs]
+        results = _progress((compile_one(*job) for job in jobs), len(jobs), t0)
     else:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init) as pool:
-            results = list(pool.map(compile_one, *zip(*jobs, strict=True)))
+            results = _progress(pool.map(compile_one, *zip(*jobs, strict=True)), len(jobs), t0)
     # Expand deduplicated configurations back to every spec name, in spec order.
     rows = []
     done = iter(results)
