@@ -138,6 +138,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
+    package_data={"moga.backends": ["auto_table.json"]},  # backend="auto"'s measured order
     package_dir=package_dir,
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

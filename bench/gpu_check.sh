@@ -247,6 +247,13 @@ try:
             frac = f"{100 * r['fraction_of_matmul']:.0f}%" if r.get("fraction_of_matmul") else "-"
             dense = f"{r['speedup_vs_dense']:.2f}" if r.get("speedup_vs_dense") else "-"
             print(f"  {r['n']:>7} {r['method']:28s} {r['mode']:8s} {r['median_ms']:10.2f} {r['tflops']:7.1f} {frac:>5} {dense:>6}")
+    # Speed against PyTorch's varlen_attn on the same segments (issue #12's yardstick): > 1 means faster.
+    ok = {(r["n"], r["mode"], r["method"]): r["median_ms"] for r in doc["results"] if r["status"] == "ok"}
+    print("\nx group_attention[varlen] (its median / this one's):  N  mode  method  ratio")
+    for (n, mode, method), ms in sorted(ok.items()):
+        base = ok.get((n, mode, "group_attention[varlen]"))
+        if base and method != "group_attention[varlen]" and method.startswith(("group_attention", "recipe")):
+            print(f"  {n:>7} {mode:8s} {method:28s} {base / ms:6.2f}")
     for r in doc["results"]:
         if r["status"] in ("error", "check_failed"):
             print(f"  {r['status'].upper()} {r['n']} {r['method']} {r['mode']}: {r['reason']}")

@@ -285,6 +285,10 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         from moga.bench.ceiling import matmul_tflops
 
+        # the auto table (bench/make_auto_table.py) is keyed by compute capability
+        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        info["cudnn"] = torch.backends.cudnn.version()
+
         info["matmul_bf16_8192_tflops"] = matmul_tflops(device=str(device))
     return info
 
