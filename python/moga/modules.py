@@ -134,6 +134,7 @@ def moga_layer_attention(
     softmax_scale: float | None = None,
     backend: str = "auto",
     sequence_parallel_group: object | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of the gated MoGA branch and the enabled static branches on shared q, k, v.
 
@@ -150,10 +151,14 @@ def moga_layer_attention(
             this is :func:`moga.distributed.ulysses_moga_attention`; with them, q, k, v are moved to head
             shards once and every branch runs on the whole sequence. ``grid`` describes the whole sequence.
             Hq and Hkv must be divisible by P.
+        valid: (B, N) bool or None; False marks padding: neither a query nor a key of any branch, output 0
+            (see :func:`moga.moga_attention`). Not supported with ``sequence_parallel_group``.
 
     Returns: (B, N, Hq, D), dtype of q.
     """
     static = window is not None or frame_attention
+    if valid is not None and sequence_parallel_group is not None:
+        raise NotImplementedError("valid (padding) is not supported with sequence_parallel_group")
     if static and grid is None:
         raise ValueError("grid=(T, H, W) is required when window or frame_attention is set")
     if grid is not None:
@@ -187,7 +192,9 @@ def moga_layer_attention(
             softmax_scale=softmax_scale, backend=backend,
         )
         return heads_to_sequence(out_h, group)
-    out = moga_attention(q, k, v, router_logits, top_k=top_k, softmax_scale=softmax_scale, backend=backend)
+    out = moga_attention(
+        q, k, v, router_logits, top_k=top_k, softmax_scale=softmax_scale, backend=backend, valid=valid
+    )
     if not static:
         return out
     branches = [out]
@@ -195,14 +202,15 @@ def moga_layer_attention(
         branches.append(
             window_attention(
                 q, k, v, grid, resolve_window(window, grid), shot_starts=shot_starts,
-                context_frames=context_frames, softmax_scale=softmax_scale, backend=backend,
+                context_frames=context_frames, softmax_scale=softmax_scale, backend=backend, valid=valid,
             )
         )
     if frame_attention:
         _, H, W = grid
         branches.append(
             window_attention(
-                q, k, v, grid, (1, H, W), shot_starts=shot_starts, softmax_scale=softmax_scale, backend=backend
+                q, k, v, grid, (1, H, W), shot_starts=shot_starts, softmax_scale=softmax_scale, backend=backend,
+                valid=valid,
             )
         )
     # Average in at least float32 so that half-precision branch outputs are rounded once.
@@ -288,6 +296,7 @@ class MoGAAttention(nn.Module):
         grid: Sequence[int] | None = None,
         shot_starts: Sequence[int] | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, N, dim) -> (B, N, dim): self-attention over x only (there is no key/value input, unlike
         ``nn.MultiheadAttention``), so everything after x is keyword-only.
@@ -295,11 +304,16 @@ class MoGAAttention(nn.Module):
         grid: (T, H, W) with T * H * W == N (the whole sequence's N with sequence parallelism); required by
         the static branches and checked whenever given. shot_starts: latent frames where shots begin (see
         :func:`moga.window_attention`); needs grid. rotary_emb: (cos, sin) broadcastable to
-        (B, N, heads, head_dim), applied as :func:`apply_rotary_interleaved`.
+        (B, N, heads, head_dim), applied as :func:`apply_rotary_interleaved`. valid: (B, N) bool or None,
+        False marks padding: neither a query nor a key of any branch; its attention output is 0 (the layer's
+        output there is ``to_out``'s bias) and the balance loss counts valid tokens only (one host
+        synchronisation on a GPU). Not with sequence parallelism or ``router="kmeans"``.
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seqlen, {self.dim}), got {tuple(x.shape)}")
         B, N, _ = x.shape
+        if valid is not None and self.router_kind == "kmeans":
+            raise NotImplementedError("valid (padding) is not supported with router='kmeans' (it clusters all keys)")
         q = self.norm_q(self.to_q(x)).view(B, N, self.num_heads, self.head_dim)
         k = self.norm_k(self.to_k(x)).view(B, N, self.num_kv_heads, self.head_dim)
         v = self.to_v(x).view(B, N, self.num_kv_heads, self.head_dim)
@@ -310,9 +324,11 @@ class MoGAAttention(nn.Module):
         out = moga_layer_attention(
             q, k, v, logits, top_k=self.top_k, grid=grid, window=self.window, frame_attention=self.frame_attention,
             shot_starts=shot_starts, context_frames=self.context_frames, backend=self.backend,
-            sequence_parallel_group=self.sequence_parallel_group,
+            sequence_parallel_group=self.sequence_parallel_group, valid=valid,
         )
-        self.last_balance_loss = group_balance_loss(logits, self.top_k, form="paper")
+        self.last_balance_loss = group_balance_loss(
+            logits if valid is None else logits[valid], self.top_k, form="paper"
+        )  # fmt: skip
         return self.to_out(out.reshape(B, N, self.dim))
 
     def extra_repr(self) -> str:
