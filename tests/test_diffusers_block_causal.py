@@ -102,3 +102,24 @@ def test_skyreels_block_causal_trains_and_reloads():
     with torch.no_grad():
         assert torch.equal(output(fresh, x, attention_kwargs={"shot_starts": [2]}),
                            output(model, x, attention_kwargs={"shot_starts": [2]}))  # fmt: skip
+
+
+def test_torch_compile_fullgraph_of_one_block_causal():
+    """A block-causal SkyReels-V2 block traced by Dynamo as one graph, output equal to eager, backward run."""
+    model, x = skyreels_causal()
+    apply_moga(model, 3, top_k=2, window=(3, 2, 2), frame_attention=True)
+    captured = {}
+    handle = model.blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: captured.setdefault("call", (args, kwargs)), with_kwargs=True
+    )
+    with torch.no_grad():
+        output(model, x)
+    handle.remove()
+    args, kwargs = captured["call"]
+    assert args[-1] is not None  # the block got the model's block-causal mask
+    hidden = args[0].detach().requires_grad_()
+    compiled = torch.compile(model.blocks[0], fullgraph=True, backend="eager")
+    got = compiled(hidden, *args[1:], **kwargs)
+    assert rel_err(got, model.blocks[0](hidden, *args[1:], **kwargs)) < TOL[torch.float32]
+    got.square().sum().backward()
+    assert model.blocks[0].attn1.router.proj.weight.grad.abs().sum() > 0
