@@ -218,3 +218,18 @@ def test_paper_mmdit_config_on_hunyuan_video():
 
 def _layer_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), MoGAProcessorBase)]
+
+
+@pytest.mark.parametrize("name", ["HunyuanVideoTransformer3DModel", "SkyReelsV2Transformer3DModel"])
+def test_context_parallel_enabled_after_apply_is_refused_at_forward(name):
+    """enable_parallelism after apply_moga hands its config to the processors: families without MoGA context
+    parallelism raise at the first forward instead of attending within each rank's shard."""
+    from types import SimpleNamespace
+
+    model, x = FAMILIES[name]()
+    apply_moga(model, 2)
+    cp = SimpleNamespace(ulysses_degree=2, ring_degree=1, ulysses_anything=False, _ulysses_mesh=None)
+    for proc in moga_processors(model):
+        proc._parallel_config = SimpleNamespace(context_parallel_config=cp)
+    with pytest.raises(NotImplementedError, match=name):
+        output(model, x)

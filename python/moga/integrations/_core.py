@@ -90,7 +90,9 @@ class MoGAProcessorBase:
         cp = getattr(self._parallel_config, "context_parallel_config", None)
         if cp is not None and ((cp.ulysses_degree or 1) > 1 or (cp.ring_degree or 1) > 1):
             raise NotImplementedError(
-                f"{type(self).__name__} ({self.model_name}) does not support diffusers' context parallelism yet"
+                f"{type(self).__name__} does not support diffusers' context parallelism on {self.model_name}"
+                + (" with its block-causal mask" if self.state.frames_per_block > 1 else "")
+                + " (docs/integrations.md lists what does)"
             )
 
     def _layer_attention(
@@ -108,10 +110,9 @@ class MoGAProcessorBase:
         every branch is restricted to keys of the same or earlier frame blocks
         (:func:`moga.integrations._block_causal.block_causal_layer_attention`).
         """
-        group = _ulysses_group(self._parallel_config)
+        if not self.context_parallel or block_causal:
+            self._refuse_context_parallel()
         if block_causal:
-            if group is not None:
-                raise NotImplementedError(f"{self.model_name}: block-causal MoGA under context parallelism")
             out = block_causal_layer_attention(
                 q, k, v, logits, frames_per_block=self.state.frames_per_block, grid=self.state.grid,
                 top_k=self.top_k, window=self.window, frame_attention=self.frame_attention,
@@ -119,11 +120,7 @@ class MoGAProcessorBase:
             )  # fmt: skip
             self._record_routing(logits)
             return out
-        if group is not None and not self.context_parallel:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support diffusers' context parallelism on {self.model_name} "
-                "(docs/integrations.md lists the families that do)"
-            )
+        group = _ulysses_group(self._parallel_config)
         full_logits = logits
         if group is not None:  # sequence shards -> head shards: every rank sees all N tokens of its H/P heads
             q, k, v = qkv_to_heads(q, k, v, group)
