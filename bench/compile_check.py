@@ -191,17 +191,21 @@ def compile_one(module_name: str, index: int, arch: str) -> Row:
     target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
     gpu_name = target.group(1).rstrip(",") if target else arch
     # ptxas with the running Triton's own flags, so that the report describes the very cubin Triton would load.
-    proc = None
+    # The running Triton's flags come first; when no candidate reproduces Triton's cubin (e.g. a cache entry built
+    # with other knobs), the report is the one with those flags.
+    runs = []
     for flags in _ptxas_flag_sets():
         proc, cubin = _run_ptxas(capability, gpu_name, ptx, flags)
         if proc.returncode != 0:
             row.problems.append(f"ptxas failed: {(proc.stderr or proc.stdout).strip()[-200:]}")
             return row
+        runs.append(proc)
         row.cubin_matches = cubin == kernel.asm.get("cubin")
         if row.cubin_matches:
             break
     if not row.cubin_matches:
         row.notes.append("cubin differs from Triton's (other ptxas flags): figures are indicative")
+    proc = runs[-1] if row.cubin_matches else runs[0]
     reports = parse_ptxas(proc.stdout + proc.stderr)
     report = reports.get(kernel.metadata.name) or (next(iter(reports.values())) if len(reports) == 1 else None)
     if report is None:
