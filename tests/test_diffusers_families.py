@@ -171,6 +171,8 @@ def test_shots_reach_the_joint_static_branch():
         ("CogVideoXTransformer3DModel", "eager"),
         ("MochiTransformer3DModel", "eager"),
         ("LTXVideoTransformer3DModel", "eager"),
+        ("WanVACETransformer3DModel", "eager"),
+        ("ChronoEditTransformer3DModel", "eager"),
     ],
 )
 def test_torch_compile_fullgraph_of_one_block(name, backend):
@@ -178,7 +180,7 @@ def test_torch_compile_fullgraph_of_one_block(name, backend):
     The eager backend keeps it fast; one family goes through aot_eager, which traces the backward graph too."""
     model, x = FAMILIES[name]()
     apply_moga(model, 3, top_k=2, window=(2, 2, 2), frame_attention=True)
-    blocks = model.transformer_blocks
+    blocks = model.transformer_blocks if hasattr(model, "transformer_blocks") else model.blocks
     captured = {}
 
     def grab(module, args, kwargs):
