@@ -235,3 +235,15 @@ def test_context_parallel_enabled_after_apply_is_refused_at_forward(name):
         proc._parallel_config = SimpleNamespace(context_parallel_config=cp)
     with pytest.raises(NotImplementedError, match=name):
         output(model, x)
+
+
+def test_hunyuan_video_blocks_index_dual_then_single_stream_layers():
+    model, x = FAMILIES["HunyuanVideoTransformer3DModel"]()  # one dual-stream and one single-stream block
+    apply_moga(model, 2, blocks=[1])
+    assert not isinstance(model.transformer_blocks[0].attn.processor, MoGAProcessorBase)
+    assert isinstance(model.single_transformer_blocks[0].attn.processor, MoGAProcessorBase)
+    assert [n for n, _ in model.named_parameters() if ".router." in n] == [
+        "single_transformer_blocks.0.attn.router.proj.weight"
+    ]
+    with torch.no_grad():
+        assert torch.isfinite(output(model, x)).all()
