@@ -203,8 +203,6 @@ def compile_one(module_name: str, index: int, arch: str) -> Row:
         row.cubin_matches = cubin == kernel.asm.get("cubin")
         if row.cubin_matches:
             break
-    if not row.cubin_matches:
-        row.notes.append("cubin differs from Triton's (other ptxas flags): figures are indicative")
     proc = runs[-1] if row.cubin_matches else runs[0]
     reports = parse_ptxas(proc.stdout + proc.stderr)
     report = reports.get(kernel.metadata.name) or (next(iter(reports.values())) if len(reports) == 1 else None)
@@ -342,8 +340,9 @@ def format_table(rows: list[Row]) -> str:
             tag for tag, used in (("wgmma", r.uses_wgmma), ("tma", r.uses_tma), ("ws", r.warp_specialized)) if used
         )
         status = "; ".join(r.problems) if r.problems else "ok"
-        if r.notes:
-            status += "  [" + "; ".join(r.notes) + "]"
+        notes = r.notes + (["cubin differs from Triton's: figures are indicative"] if r.cubin_matches is False else [])
+        if notes:
+            status += "  [" + "; ".join(notes) + "]"
         lines.append(
             f"{r.kernel:<{width}}  {r.arch:<7} {num(r.registers):>5} {num(r.spill_bytes):>8} "
             f"{num(r.stack_frame):>8} {num(r.shared_bytes):>8} {ptx or '-':<12} {status}"

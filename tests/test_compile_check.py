@@ -142,3 +142,14 @@ def test_expect_triton_refuses_another_version(
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
     assert cc.main(["--modules", "no_such_module", "--expect-triton", "0.0.0"]) == 2
     assert "expected Triton 0.0.0" in capsys.readouterr().err
+
+
+def test_table_flags_a_cubin_mismatch_that_the_record_keeps_apart() -> None:
+    """A cubin that ptxas here did not reproduce is flagged in the table and in cubin_matches, not mixed into the
+    ptxas notes; the table's ptx column names the features used."""
+    row = _row(uses_wgmma=True, uses_tma=True, warp_specialized=True, cubin_matches=False)
+    table = cc.format_table([row])
+    assert "cubin differs" in table and "wgmma,tma,ws" in table
+    rec = cc.record(row, "3.8.0")
+    assert rec["ptxas_notes"] == [] and rec["cubin_matches"] is False and rec["status"] == "ok"
+    assert "cubin differs" not in cc.format_table([_row(cubin_matches=True)])
