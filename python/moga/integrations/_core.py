@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from moga._checks import softmax_scale_or_default
 from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
@@ -35,6 +36,7 @@ from moga.router import group_balance_loss, route_tokens
 from moga.window import _segment_of_positions, check_context_frames, check_grid, normalize_shot_starts, window_layout
 
 PAD_QUERY_MODES = ("attend", "zero")
+ROUTER_KINDS = ("learned", "kmeans")
 
 
 @dataclass
@@ -53,6 +55,10 @@ class MoGAProcessorBase:
 
     After each call ``last_balance_loss`` is this layer's group balance loss (paper form, without alpha) and
     ``last_group_fraction`` (M,) the fraction of video tokens routed to each group (detached).
+
+    ``router``: "learned" (``attn.router`` is a :class:`moga.MoGARouter` on the layer's input hidden states) or
+    "kmeans" (``attn.router`` is a :class:`moga.kmeans.KMeansRouter` on the layer's video keys: training-free
+    groups, gate 1, clusters re-used across calls).
     """
 
     # Read by diffusers: enable_parallelism sets _parallel_config on processors that have the attribute, and
@@ -71,7 +77,11 @@ class MoGAProcessorBase:
         context_frames: int,
         backend: str,
         model_name: str = "",
+        router: str = "learned",
     ) -> None:
+        if router not in ROUTER_KINDS:
+            raise ValueError(f"router must be one of {ROUTER_KINDS}, got {router!r}")
+        self.router_kind = router
         self.state = state
         self.top_k = top_k
         self.window = window
@@ -81,6 +91,16 @@ class MoGAProcessorBase:
         self.model_name = model_name
         self.last_balance_loss: torch.Tensor | None = None
         self.last_group_fraction: torch.Tensor | None = None
+
+    def _router_logits(self, attn: nn.Module, hidden_states: torch.Tensor, video_keys: torch.Tensor) -> torch.Tensor:
+        """(B, n, M) router logits of the video tokens: ``attn.router(hidden_states)`` for a learned router, or
+        the k-means router on ``video_keys`` (B, n, H, D) (heads concatenated: one clustering shared by all heads,
+        after the QK norm and rotary embedding), which refuses diffusers' context parallelism (a rank would cluster
+        only its own shard of the keys)."""
+        if self.router_kind == "kmeans":
+            self._refuse_context_parallel()
+            return attn.router(video_keys.flatten(2))
+        return attn.router(hidden_states)
 
     def _record_routing(self, logits: torch.Tensor) -> None:
         self.last_balance_loss, self.last_group_fraction = routing_stats(logits, self.top_k)
@@ -92,6 +112,7 @@ class MoGAProcessorBase:
             raise NotImplementedError(
                 f"{type(self).__name__} does not support diffusers' context parallelism on {self.model_name}"
                 + (" with its block-causal mask" if self.state.frames_per_block > 1 else "")
+                + (" with router='kmeans'" if self.router_kind == "kmeans" else "")
                 + " (docs/integrations.md lists what does)"
             )
 

@@ -46,13 +46,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from moga.integrations._core import MoGAProcessorBase, VideoState, _ulysses_group  # noqa: F401 (re-exported)
+from moga.integrations._core import (  # noqa: F401 (re-exported)
+    ROUTER_KINDS,
+    MoGAProcessorBase,
+    VideoState,
+    _ulysses_group,
+)
+from moga.integrations._router_init import RouterInit, check_router_init, kmeans_routers, record_router_inputs
 from moga.integrations.diffusers_mmdit import (
     MoGACogVideoXAttnProcessor,
     MoGAHunyuanVideoAttnProcessor,
     MoGALTXAttnProcessor,
     MoGAMochiAttnProcessor,
 )
+from moga.kmeans import KMeansRouter
 from moga.modules import WindowArg, apply_rotary_interleaved, check_layer_settings
 from moga.router import MoGARouter
 
@@ -71,6 +78,7 @@ __all__ = [
     "apply_moga",
     "moga_balance_loss",
     "moga_processors",
+    "reset_kmeans_clusters",
 ]
 
 
@@ -115,7 +123,8 @@ class MoGAWanAttnProcessor(MoGAProcessorBase):
             query = apply_rotary_interleaved(query, *rotary_emb)
             key = apply_rotary_interleaved(key, *rotary_emb)
 
-        logits = attn.router(hidden_states)  # (B, n, M): this rank's tokens under context parallelism
+        # (B, n, M): this rank's tokens under context parallelism (learned router; the k-means one refuses it)
+        logits = self._router_logits(attn, hidden_states, key)
         # Block-causal (SkyReels-V2 diffusion forcing): the dense mask is not read, its block structure is rebuilt
         # from the model's num_frame_per_block (the model builds the mask from it).
         out = self._layer_attention(query, key, value, logits, block_causal=block_causal)
@@ -245,6 +254,10 @@ def apply_moga(
     context_frames: int = 0,
     router_bias: bool = False,
     backend: str = "auto",
+    router: str = "learned",
+    kmeans_iters: tuple[int, int] = (20, 2),
+    router_init: RouterInit | None = None,
+    router_init_tokens: int = 4096,
 ) -> nn.Module:
     """Replace the self-attention (or joint text-video attention) of a diffusers video transformer with MoGA,
     in place.
@@ -264,13 +277,34 @@ def apply_moga(
             ``attention_kwargs={"shot_starts": [...]}`` at call time).
         router_bias: bias of the new routers (initialised by ``nn.Linear``'s default).
         backend: segment-attention backend.
+        router: "learned" (the paper's trainable :class:`moga.MoGARouter` on the layer's hidden states) or
+            "kmeans": training-free groups, the k-means clusters of the layer's video keys (after QK norm and rotary
+            embedding, heads concatenated: one grouping shared by all heads, as MoGA's) with a gate of 1. Each layer
+            keeps its clustering (a :class:`moga.kmeans.KMeansRouter`, ``<layer>.router``, no parameters or
+            buffers: the state_dict gains nothing) and warm-starts it on the next call, as Sparse VideoGen2 does
+            across diffusion steps; :func:`reset_kmeans_clusters` forgets it (a new video). Needs ``top_k=1`` and
+            no context parallelism.
+        kmeans_iters: (first, warm) with ``router="kmeans"``: Lloyd iterations of a cold start (k-means++, seed 0)
+            and of each later call started from the previous call's centroids (a call whose keys have another
+            shape, dtype or device starts cold).
+        router_init: a callable ``router_init(transformer)`` that runs the (still unconverted) transformer forward
+            on a few calibration inputs, e.g. ``lambda m: [m(**batch) for batch in batches]``; apply_moga runs it
+            under ``torch.no_grad()``, records the hidden states each chosen layer's router will see, and
+            initialises that router with :meth:`moga.MoGARouter.from_kmeans` of them (20 iterations, seed 0,
+            automatic temperature; with a bias, whatever ``router_bias`` says): its initial argmax is the k-means
+            assignment of those tokens, a warm start for training. Only with ``router="learned"`` and without
+            context parallelism.
+        router_init_tokens: tokens recorded per layer and calibration call (a seeded uniform sample when a call
+            has more), which bounds the calibration's memory to calls x layers x tokens x dim values.
 
     Returns: the same transformer object. Its routers are submodules named ``<layer>.router`` (e.g.
     ``blocks.<i>.attn1.router``), on the device and dtype of that layer's ``to_q``.
 
-    Raises (before anything is changed): TypeError for an unsupported model, ValueError for bad settings or
-    blocks, or blocks already converted; NotImplementedError when context parallelism is already enabled on a
-    family without it.
+    Raises (before anything is changed): TypeError for an unsupported model or a ``router_init`` that is not
+    callable, ValueError for bad settings or blocks, blocks already converted, ``router="kmeans"`` with
+    ``top_k > 1`` or ``router_init``, or a calibration that reaches a layer with fewer tokens than groups (or not
+    at all); NotImplementedError when context parallelism is already enabled on a family without it, or with
+    ``router="kmeans"`` or ``router_init``. Errors raised by ``router_init`` itself propagate, the model unchanged.
     """
     family = _family_of(transformer)
     model_name = type(transformer).__name__
@@ -291,6 +325,11 @@ def apply_moga(
             f"context parallelism is enabled on this {model_name}, and MoGA supports it only for "
             f"{', '.join(n for n, f in _FAMILIES.items() if f.context_parallel)}"
         )
+    routers = _new_routers(
+        [layers[i] for i in chosen], num_groups, top_k=top_k, router=router, kmeans_iters=kmeans_iters,
+        router_bias=router_bias, router_init=router_init, router_init_tokens=router_init_tokens,
+        transformer=transformer, parallel=parallel_config is not None,
+    )  # fmt: skip
 
     # Validated: from here on the model is modified.
     state = getattr(transformer, "_moga_video_state", None)
@@ -301,13 +340,12 @@ def apply_moga(
             _record_video_state(state, family.grid, params), with_kwargs=True
         )
         transformer._moga_video_state = state
-    for i in chosen:
+    for i, new_router in zip(chosen, routers, strict=True):
         attn = layers[i][1]
-        ref = attn.to_q.weight
-        attn.router = MoGARouter(attn.to_q.in_features, num_groups, bias=router_bias).to(ref.device, ref.dtype)
+        attn.router = new_router
         processor = family.processor(
             state, top_k=top_k, window=window, frame_attention=frame_attention,
-            context_frames=context_frames, backend=backend, model_name=model_name,
+            context_frames=context_frames, backend=backend, model_name=model_name, router=router,
         )  # fmt: skip
         # enable_parallelism may have run before apply_moga: it hands its config only to the processors present
         # then, and records it on the model.
@@ -318,6 +356,61 @@ def apply_moga(
         else:  # MochiAttention keeps its processor as a plain attribute
             attn.processor = processor
     return transformer
+
+
+def _new_routers(
+    layers: list[tuple[str, nn.Module]],
+    num_groups: int,
+    *,
+    top_k: int,
+    router: str,
+    kmeans_iters: tuple[int, int],
+    router_bias: bool,
+    router_init: RouterInit | None,
+    router_init_tokens: int,
+    transformer: nn.Module,
+    parallel: bool,
+) -> list[nn.Module]:
+    """The router of each chosen layer (name, attention module), built (and for ``router_init`` calibrated on the
+    unconverted model) before apply_moga changes anything; every refusal of these options is raised here."""
+    if router not in ROUTER_KINDS:
+        raise ValueError(f"router must be one of {ROUTER_KINDS}, got {router!r}")
+    if router == "kmeans":
+        if top_k != 1:
+            raise ValueError(f"router='kmeans' routes each token to its one cluster: it needs top_k=1, got {top_k}")
+        if router_init is not None:
+            raise ValueError("router_init initialises learned routers: it cannot be combined with router='kmeans'")
+        if parallel:
+            raise NotImplementedError(
+                "router='kmeans' does not support context parallelism (each rank would cluster only its own shard "
+                "of the keys)"
+            )
+        if not (isinstance(kmeans_iters, tuple) and len(kmeans_iters) == 2):
+            raise ValueError(f"kmeans_iters must be a (first, warm) tuple of ints, got {kmeans_iters!r}")
+        first, warm = kmeans_iters
+        return [KMeansRouter(num_groups, iters_first=first, iters_warm=warm) for _ in layers]
+    if router_init is not None:
+        check_router_init(router_init, router_init_tokens)
+        if parallel:
+            raise NotImplementedError(
+                "router_init does not support context parallelism (each rank would calibrate on its own shard)"
+            )
+        inputs = record_router_inputs(transformer, layers, router_init, router_init_tokens)
+        routers: list[nn.Module] = kmeans_routers(inputs, num_groups)
+    else:
+        routers = [MoGARouter(attn.to_q.in_features, num_groups, bias=router_bias) for _, attn in layers]
+    for (_, attn), r in zip(layers, routers, strict=True):
+        r.to(attn.to_q.weight.device, attn.to_q.weight.dtype)
+    return routers
+
+
+def reset_kmeans_clusters(transformer: nn.Module) -> int:
+    """Forget the clusters of every ``router="kmeans"`` layer (e.g. before generating a new video): the next call
+    of each layer clusters from a cold start. Returns the number of layers reset."""
+    routers = [m for m in transformer.modules() if isinstance(m, KMeansRouter)]
+    for r in routers:
+        r.cache.reset()
+    return len(routers)
 
 
 def moga_processors(transformer: nn.Module) -> list[MoGAProcessorBase]:

@@ -103,7 +103,7 @@ class MoGAHunyuanVideoAttnProcessor(_JointProcessor):
                     f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
                 )
             text_valid = attention_mask[:, 0, 0, Nv:]
-        logits = attn.router(hidden_states)
+        logits = self._router_logits(attn, hidden_states, k[:, :Nv])
         out = self._joint(q, k, v, logits, num_text=Nt, video_first=True, text_valid=text_valid, pad_queries="attend")
         video, text = out[:, :Nv], out[:, Nv:]
         if getattr(attn, "to_out", None) is not None:
@@ -140,7 +140,7 @@ class MoGACogVideoXAttnProcessor(_JointProcessor):
         if image_rotary_emb is not None:
             q = torch.cat([q[:, :Nt], apply_rotary_emb(q[:, Nt:], image_rotary_emb, sequence_dim=1)], dim=1)
             k = torch.cat([k[:, :Nt], apply_rotary_emb(k[:, Nt:], image_rotary_emb, sequence_dim=1)], dim=1)
-        logits = attn.router(hidden_states)
+        logits = self._router_logits(attn, hidden_states, k[:, Nt:])
         out = self._joint(q, k, v, logits, num_text=Nt, video_first=False, text_valid=None, pad_queries="attend")
         out = attn.to_out[1](attn.to_out[0](out))
         return out[:, Nt:], out[:, :Nt]
@@ -189,7 +189,7 @@ class MoGAMochiAttnProcessor(_JointProcessor):
                     f"{type(self).__name__} takes Mochi's (B, Nt) text mask, got {tuple(attention_mask.shape)}"
                 )
             text_valid = attention_mask.bool()
-        logits = attn.router(hidden_states)
+        logits = self._router_logits(attn, hidden_states, k)
         out = self._joint(
             torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1), logits, num_text=Nt,
             video_first=True, text_valid=text_valid, pad_queries="zero",
@@ -227,6 +227,6 @@ class MoGALTXAttnProcessor(MoGAProcessorBase):
         if image_rotary_emb is not None:
             q, k = apply_rotary_emb(q, image_rotary_emb), apply_rotary_emb(k, image_rotary_emb)
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
-        out = self._layer_attention(q, k, v, attn.router(hidden_states))
+        out = self._layer_attention(q, k, v, self._router_logits(attn, hidden_states, k))
         out = out.flatten(2, 3).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
