@@ -20,6 +20,10 @@ weights and QK-norms are reused unchanged and the routers train and save with th
 Everything is checked before the model is touched: an unsupported model or configuration raises with the model
 class and the reason, and leaves parameters, modules and processors as they were.
 
+Without training: ``router="kmeans"`` groups each layer's video tokens by k-means of its keys (gate 1, clusters
+warm-started across calls, nothing added to the state_dict); ``router_init=calibrate`` starts the learned routers
+from k-means of the hidden states they see on the unconverted model (:mod:`moga.integrations._router_init`).
+
 The static branches need the post-patchify grid (T, H, W): a forward pre-hook on the transformer records it
 from the call's inputs (the latents' ``(frames, height, width) // patch_size``, or LTX's ``num_frames, height,
 width``) on every call. Shot boundaries (latent frames, after patchify) are passed as
