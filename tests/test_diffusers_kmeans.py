@@ -90,6 +90,25 @@ def test_kmeans_forward_backward_trains_the_projections(name):
         assert (proc.last_group_fraction > 0).sum() >= 2  # really several groups
 
 
+def test_kmeans_under_skyreels_block_causal_mask():
+    """Diffusion forcing's block-causal mask with k-means groups: one group equals the stock causal model, and M = 3
+    trains the projections."""
+    from tests.test_diffusers_block_causal import skyreels_causal
+
+    torch.manual_seed(0)
+    model, x = skyreels_causal()
+    with torch.no_grad():
+        want = output(model, x)
+        apply_moga(model, 1, router="kmeans")
+        assert rel_err(output(model, x), want) < TOL[torch.float32]
+    model, x = skyreels_causal()
+    apply_moga(model, 3, router="kmeans", window=(2, 2, 2))
+    out = output(model.train(), x)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(a.to_k.weight.grad.abs().sum() > 0 for a in _attention_layers(model))
+
+
 def test_kmeans_processor_matches_float64_reference():
     """Wan layer in k-means mode = the float64 reference of group attention over moga.kmeans clusters of the
     layer's keys (heads concatenated, after QK norm and rotary), gate 1, plus the static branches."""
