@@ -296,8 +296,8 @@ def apply_moga(
             under ``torch.no_grad()``, records the hidden states each chosen layer's router will see, and
             initialises that router with :meth:`moga.MoGARouter.from_kmeans` of them (20 iterations, seed 0,
             automatic temperature; with a bias, whatever ``router_bias`` says): its initial argmax is the k-means
-            assignment of those tokens, a warm start for training. Only with ``router="learned"`` and without
-            context parallelism.
+            assignment of those tokens, a warm start for training (the router is cast to the layer's dtype: in
+            half precision a near-tie may flip). Only with ``router="learned"`` and without context parallelism.
         router_init_tokens: tokens recorded per layer and calibration call (a seeded uniform sample when a call
             has more), which bounds the calibration's memory to calls x layers x tokens x dim values.
 
