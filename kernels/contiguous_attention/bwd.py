@@ -12,9 +12,10 @@ ends, one warp-specialised loop per work item):
 q, k, v and dout tiles are loaded by TMA; the [BM] rows of lse and delta by plain masked loads, which Triton 3.6-3.8
 can warp-specialise only when the tile is not split across two consumer warpgroups (its data partitioner rejects
 them): hence 64-row tiles on the split dimension in the backward tables. Query rows past a segment's end load as
-zeros (q, dout, lse, delta alike), which makes their contribution to dk and dv exactly zero; key rows past it are masked by an additive -inf bias
-on the scores (dq) or never stored (dk/dv: the descriptor stops at the segment's end). Gradients are returned per position (segment order); nothing is accumulated across
-programs, so there are no atomics and results are bitwise reproducible.
+zeros (q, dout, lse, delta alike), which makes their contribution to dk and dv exactly zero; key rows past it are
+masked by an additive -inf bias on the scores (dq) or never stored (dk/dv: the descriptor stops at the segment's
+end). Gradients are returned per position (segment order); nothing is accumulated across programs, so there are
+no atomics and results are bitwise reproducible.
 """
 
 from __future__ import annotations

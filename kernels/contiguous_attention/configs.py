@@ -7,10 +7,11 @@ unequal BM/BN catch a mixed-up mask) and the persistent grid has a few programs 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from moga.kernels.segment_attention.configs import interpreting
 
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -25,10 +26,6 @@ class ContiguousConfig:
     num_warps: int
     num_stages: int
     warp_specialize: bool
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 INTERPRETER_CONFIG = ContiguousConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, warp_specialize=False)

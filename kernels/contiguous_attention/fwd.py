@@ -29,7 +29,7 @@ from moga.kernels.contiguous_attention.launch import (
     use_upcast,
 )
 from moga.kernels.contiguous_attention.tiles import lpt_tile_table
-from moga.kernels.segment_attention.tl_helpers import load_tile, mma
+from moga.kernels.segment_attention.tl_helpers import finish_softmax, load_tile, mma
 
 
 @triton.jit
@@ -108,14 +108,8 @@ def contiguous_attn_fwd_kernel(
             b_max, b_sum, b_acc = attend_tile(
                 b_q, desc_k, desc_v, n0, i_hk, k_end, b_max, b_sum, b_acc, qk_scale, D, BLOCK_N, UPCAST
             )
-        has_keys = b_sum > 0.0
-        # [BM]
-        b_safe_sum = tl.where(has_keys, b_sum, 1.0)
-        # [BM, D]
-        b_out = b_acc / b_safe_sum[:, None]
+        b_out, b_lse = finish_softmax(b_acc, b_sum, b_max)
         desc_o.store([q_start, i_h * D], b_out.to(Out.dtype.element_ty))
-        # [BM] natural-log sum-exp: ln(sum 2^s) = (max + log2(sum)) * ln(2)
-        b_lse = tl.where(has_keys, (b_max + tl.log2(b_safe_sum)) * 0.6931471805599453, float("-inf"))
         offs_m = q_start + tl.arange(0, BLOCK_M)
         tl.store(Lse + i_h.to(tl.int64) * stride_lh + offs_m, b_lse, mask=offs_m < q_end)
 

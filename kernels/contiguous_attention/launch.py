@@ -8,14 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
-from moga.kernels.contiguous_attention.configs import DTYPES, HEAD_DIMS, interpreting
+from moga.kernels.contiguous_attention.configs import DTYPES, HEAD_DIMS
+from moga.kernels.segment_attention import launch as segment_launch
+from moga.kernels.segment_attention.fwd import LOG2E, use_upcast
 
-LOG2E = 1.4426950408889634
-
-
-def use_upcast(dtype: torch.dtype) -> bool:
-    """The Triton interpreter's bf16 tl.dot is wrong: there (only) bf16 tiles are upcast to fp32."""
-    return interpreting() and dtype == torch.bfloat16
+__all__ = ["LOG2E", "check_contiguous_inputs", "device_guard", "rows_descriptor", "use_upcast"]
 
 
 def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -24,11 +21,11 @@ def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launch on ``device`` (not the current CUDA device), with the descriptor scratch allocator installed."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    triton.set_allocator(_tma_scratch)
-    return torch.cuda.device(device)
+    """The segment kernels' device guard (launch on ``device``, not the current CUDA device), with the
+    descriptor scratch allocator installed first."""
+    if device.type == "cuda":
+        triton.set_allocator(_tma_scratch)
+    return segment_launch.device_guard(device)
 
 
 def check_contiguous_inputs(*tensors: tuple[str, torch.Tensor]) -> None:

@@ -21,7 +21,7 @@ from moga import _alloc
 from moga.kernels.segment_attention import launch
 from moga.kernels.segment_attention.configs import config, interpreting, padded_head_dim
 from moga.kernels.segment_attention.tiles import build_tile_table
-from moga.kernels.segment_attention.tl_helpers import load_rows, load_tile, mma, row_ptrs
+from moga.kernels.segment_attention.tl_helpers import finish_softmax, load_rows, load_tile, mma, row_ptrs
 from moga.layout import SegmentLayout
 
 LOG2E = 1.4426950408889634
@@ -79,13 +79,7 @@ def segment_attn_fwd_kernel(
         b_acc = mma(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], IEEE)
         b_max = b_new_max
 
-    has_keys = b_sum > 0.0
-    # [BM]
-    b_safe_sum = tl.where(has_keys, b_sum, 1.0)
-    # [BM, D]
-    b_out = b_acc / b_safe_sum[:, None]
-    # [BM] natural-log sum-exp: ln(sum 2^s) = (max + log2(sum)) * ln(2)
-    b_lse = tl.where(has_keys, (b_max + tl.log2(b_safe_sum)) * 0.6931471805599453, float("-inf"))
+    b_out, b_lse = finish_softmax(b_acc, b_sum, b_max)
     p_out = row_ptrs(Out, offs_m, i_h, stride_ot, stride_oh, offs_d)
     tl.store(p_out, b_out.to(Out.dtype.element_ty), mask=mask_m[:, None])
     tl.store(Lse + i_h.to(tl.int64) * stride_lh + offs_m, b_lse, mask=mask_m)

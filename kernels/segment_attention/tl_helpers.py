@@ -42,3 +42,17 @@ def load_rows(Base, rows, i_h, stride_t, stride_h, offs_d, mask, UPCAST: tl.cons
     if UPCAST:
         b_x = b_x.to(tl.float32)
     return b_x
+
+
+@triton.jit
+def finish_softmax(b_acc, b_sum, b_max):
+    """The end of an online softmax in base 2: out [BM, D] = acc / sum, lse [BM] = natural-log sum-exp of the
+    scores. Rows that saw no key (sum 0) give zero outputs and lse = -inf."""
+    has_keys = b_sum > 0.0
+    # [BM]
+    b_safe_sum = tl.where(has_keys, b_sum, 1.0)
+    # [BM, D]
+    b_out = b_acc / b_safe_sum[:, None]
+    # [BM] ln(sum 2^s) = (max + log2(sum)) * ln(2)
+    b_lse = tl.where(has_keys, (b_max + tl.log2(b_safe_sum)) * 0.6931471805599453, float("-inf"))
+    return b_out, b_lse
