@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from moga._checks import softmax_scale_or_default
 from moga.functional import _segment_outputs
 from moga.gate import gated_unpermute
 from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, routed_layout, sort_by_segment
@@ -86,7 +87,7 @@ def block_causal_layer_attention(
     if T % frames_per_block:
         raise ValueError(f"the grid's {T} frames are not a multiple of frames_per_block={frames_per_block}")
     num_blocks = T // frames_per_block
-    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    scale = softmax_scale_or_default(softmax_scale, D)
     rows = torch.arange(B * N, device=q.device, dtype=torch.int64)
     block_of_row = torch.div(rows % N, H * W * frames_per_block, rounding_mode="floor")
 
