@@ -69,29 +69,36 @@ def _recipe_builder(m: int, recipe=sorted_recipe):
     return build
 
 
-def methods_for(case: BenchCase, device: torch.device, quick: bool) -> list[Method]:
-    """Dense SDPA first (the speedup baseline), then moga's paths, then the other baselines."""
-    probe = torch.empty(1, case.heads, case.head_dim, device=device, dtype=case.torch_dtype)
+def methods_for(case: BenchCase, device: torch.device | None, quick: bool) -> list[Method]:
+    """Dense SDPA first (the speedup baseline), then moga's paths, then the other baselines.
+
+    ``device=None`` lists every method the registry knows without touching any device: no probe tensor, no
+    backend availability check, no skip reasons (for ``moga bench --help``; not for running)."""
+    probe = None if device is None else torch.empty(1, case.heads, case.head_dim, device=device, dtype=case.torch_dtype)
     m = case.m
     out = [Method("dense_sdpa", "baseline", True, lambda x: dense_sdpa)]
     for name in MOGA_KERNEL_BACKENDS:
-        mod = get_backend(name)
-        if mod is None or not mod.is_available():
-            continue  # not built/installed: listed once in the header, not per case
-        reason = _backend_reason(name, probe)
+        reason = None
+        if probe is not None:
+            mod = get_backend(name)
+            if mod is None or not mod.is_available():
+                continue  # not built/installed: listed once in the header, not per case
+            reason = _backend_reason(name, probe)
         out.append(Method(f"group_attention[{name}]", "moga", False, _group_attention_builder(name, m), reason))
     out.append(Method("moga_attention[auto]", "moga", False, _moga_attention_builder))
     out.append(Method("recipe[sdpa]", "baseline", False, _recipe_builder(m)))
-    reason = varlen_recipe_reason(device, case.torch_dtype)
+    reason = None if device is None else varlen_recipe_reason(device, case.torch_dtype)
     out.append(Method("recipe[varlen]", "baseline", False, _recipe_builder(m, varlen_recipe), reason))
     for name in RECIPE_BACKENDS:
-        reason = _backend_reason(name, probe)
+        reason = None if probe is None else _backend_reason(name, probe)
         out.append(Method(f"recipe[{name}]", "baseline", False, _group_attention_builder(name, m), reason))
     out.append(_flex_method(device, quick))
     return out
 
 
-def _flex_method(device: torch.device, quick: bool) -> Method:
+def _flex_method(device: torch.device | None, quick: bool) -> Method:
+    if device is None:  # names only
+        return Method("flex_attention", "baseline", False, None)
     reason = flex_available()
     if reason is None and device.type == "cpu" and quick:
         reason = "--quick on CPU: torch.compile of flex_attention takes ~15 s per shape here"

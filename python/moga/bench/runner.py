@@ -63,10 +63,12 @@ class Row:
 
 
 def method_names(device: torch.device | None = None) -> list[str]:
-    """Names of the methods ``moga bench`` times on ``device`` (default: this machine's), from the methods
-    registry (:func:`moga.bench.methods.methods_for`) on a tiny probe case; names do not depend on the case."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    probe = BenchCase(64, 2, "balanced", 1, 64, "float32" if device.type == "cpu" else "bfloat16")
+    """Names of the methods ``moga bench`` times on ``device``, from the methods registry
+    (:func:`moga.bench.methods.methods_for`) on a tiny probe case; names do not depend on the case.
+    ``device=None`` (default): every method the registry knows, without touching any device (for ``--help``:
+    ``moga --version``, ``moga plan`` and the help start no CUDA); the run checks ``--methods`` against the
+    methods of its device."""
+    probe = BenchCase(64, 2, "balanced", 1, 64, "float32" if device is None or device.type == "cpu" else "bfloat16")
     return [m.name for m in methods_for(probe, device, quick=False)]
 
 
@@ -90,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="NAME",
         help="only methods whose name contains one of these strings (dense_sdpa always runs: the speedup "
-        f"baseline); methods here: {', '.join(method_names())}",
+        f"baseline); methods in the registry (the run skips those its device lacks): {', '.join(method_names())}",
     )
     p.add_argument(
         "--modes",
