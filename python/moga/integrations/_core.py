@@ -30,7 +30,7 @@ from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_
 from moga.functional import _segment_outputs
 from moga.gate import gated_unpermute
 from moga.integrations._block_causal import block_causal_layer_attention
-from moga.layout import RoutedLayout, SegmentLayout, routed_layout, sort_by_segment
+from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, routed_layout, sort_by_segment
 from moga.modules import WindowArg, moga_layer_attention, resolve_window
 from moga.router import group_balance_loss, route_tokens
 from moga.window import _segment_of_positions, check_context_frames, check_grid, normalize_shot_starts, window_layout
@@ -204,10 +204,10 @@ def _video_rows(rows: torch.Tensor, num_video: int, num_tokens: int, video_offse
     return torch.div(rows, num_video, rounding_mode="floor") * num_tokens + video_offset + rows % num_video
 
 
-def _text_rows(batch: int, num_tokens: int, text_offset: int, num_text: int, device: torch.device) -> torch.Tensor:
-    """(B, Nt) joint-sequence rows of the text tokens."""
+def _block_rows(batch: int, num_tokens: int, offset: int, length: int, device: torch.device) -> torch.Tensor:
+    """(B, length) joint-sequence rows of a contiguous block of tokens (text or video) starting at ``offset``."""
     b = torch.arange(batch, device=device, dtype=torch.int64).view(batch, 1)
-    return b * num_tokens + text_offset + torch.arange(num_text, device=device, dtype=torch.int64).view(1, num_text)
+    return b * num_tokens + offset + torch.arange(length, device=device, dtype=torch.int64).view(1, length)
 
 
 def with_global_keys(
@@ -232,7 +232,7 @@ def with_global_keys(
     q_index = _video_rows(seg.q_index, num_video, N, video_offset)
     own_rows = _video_rows(seg.k_index, num_video, N, video_offset)
     own_keys = _segment_of_positions(seg.k_offsets, seg.k_index.numel())
-    text_rows = _text_rows(batch, N, text_offset, num_text, device)  # (B, Nt)
+    text_rows = _block_rows(batch, N, text_offset, num_text, device)  # (B, Nt)
     seg_row = torch.arange(S, device=device, dtype=torch.int64) // (S // batch)  # batch row of each segment
     extra_rows = text_rows[seg_row]  # (S, Nt)
     extra_keys = torch.arange(S, device=device, dtype=torch.int64).view(S, 1).expand(S, num_text)
@@ -264,8 +264,8 @@ def text_query_layout(
     N = num_video + num_text
     video_offset, text_offset = (0, num_video) if video_first else (num_text, 0)
     b = torch.arange(batch, device=device, dtype=torch.int64).view(batch, 1)
-    text_rows = _text_rows(batch, N, text_offset, num_text, device)
-    video_rows = b * N + video_offset + torch.arange(num_video, device=device, dtype=torch.int64).view(1, num_video)
+    text_rows = _block_rows(batch, N, text_offset, num_text, device)
+    video_rows = _block_rows(batch, N, video_offset, num_video, device)
     q_keys = b.expand(batch, num_text)
     t_keys = b.expand(batch, num_text)
     if text_valid is not None:
@@ -276,8 +276,7 @@ def text_query_layout(
     k_rows = torch.cat([video_rows, text_rows], dim=1).reshape(-1)
     k_keys = torch.cat([b.expand(batch, num_video), t_keys], dim=1).reshape(-1)
     k_order, k_offsets = sort_by_segment(k_keys, batch)
-    position = torch.empty_like(q_order)
-    position[q_order] = torch.arange(q_order.numel(), device=device, dtype=torch.int64)
+    position = inverse_permutation(q_order)
     segments = SegmentLayout(
         q_index=text_rows.reshape(-1)[q_order], q_offsets=q_offsets, k_index=k_rows[k_order], k_offsets=k_offsets,
         num_tokens=batch * N, q_unique=True, k_unique=True, max_q_len=num_text, max_k_len=N,
