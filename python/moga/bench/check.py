@@ -57,9 +57,11 @@ class CheckResult:
         return {**asdict(self), "ok": self.ok, "method": self.method}
 
 
-def _describe(exc: BaseException) -> str:
+def describe_exception(exc: BaseException, width: int = 200) -> str:
+    """``"TypeName: first line of the message"`` (the line cut to ``width`` characters; just ``"TypeName"`` for an
+    empty message), for one-line tables and reports."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+    return f"{type(exc).__name__}: {lines[0][:width] if lines else ''}".rstrip(": ")
 
 
 def _checked(path: str, run: Callable[[], list[CheckResult]]) -> list[CheckResult]:
@@ -67,7 +69,7 @@ def _checked(path: str, run: Callable[[], list[CheckResult]]) -> list[CheckResul
     try:
         return run()
     except Exception as exc:  # any failure of one path is that path's result, not the end of the check
-        return [CheckResult(path, "error", math.nan, math.nan, _describe(exc))]
+        return [CheckResult(path, "error", math.nan, math.nan, describe_exception(exc))]
 
 
 def failed_methods(results: list[CheckResult]) -> dict[str, str]:

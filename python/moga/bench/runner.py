@@ -16,7 +16,7 @@ import torch
 import moga
 from moga.backends import cpu_backend
 from moga.bench.cases import DISTRIBUTIONS, BenchCase, cpu_sweep, gpu_sweep, make_inputs
-from moga.bench.check import CheckResult, failed_methods, format_check, run_check
+from moga.bench.check import CheckResult, describe_exception, failed_methods, format_check, run_check
 from moga.bench.flops import dense_attention_flops, group_attention_flops
 from moga.bench.methods import Method, methods_for, unavailable_backends
 from moga.bench.plot import check_plot_path, write_plot
@@ -234,7 +234,7 @@ def measure_case(
                     timing = time_call(call, device, budget_s=budget)
                     row.peak_mem_bytes = peak_extra_memory_bytes(call, device)
                 except Exception as exc:  # shown in the table; a moga failure also fails the run
-                    row.status, row.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    row.status, row.reason = "error", describe_exception(exc, width=160)
                 else:
                     row.status, row.median_ms, row.repeats = "ok", timing.median_ms, timing.repeats
                     row.samples_ms, row.min_ms, row.max_ms = timing.samples_ms, timing.min_ms, timing.max_ms
@@ -363,7 +363,7 @@ def _run_check(
     try:
         check = run_check(device, dtype, args.seed)
     except Exception as exc:  # the shared reference part: nothing of moga can be trusted without it
-        why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        why = describe_exception(exc)
         check = [CheckResult("check", "error", float("nan"), float("nan"), why)]
         print(format_check(check))
         moga_methods = {m.name for c in cases for m in selected_methods(c, device, args) if m.kind == "moga"}
