@@ -24,6 +24,7 @@ from moga.router import MoGARouter, group_balance_loss
 from moga.window import Grid, check_context_frames, check_grid, check_window, normalize_shot_starts, window_attention
 
 QK_NORM_EPS = 1e-6  # Wan 2.1's RMSNorm eps on the q/k projections
+ROUTER_KINDS = ("learned", "kmeans")  # the routers a MoGA layer (and apply_moga) can use
 
 
 @dataclass(frozen=True)
@@ -263,8 +264,8 @@ class MoGAAttention(nn.Module):
         router: str = "learned",
     ) -> None:
         super().__init__()
-        if router not in ("learned", "kmeans"):
-            raise ValueError(f"router must be 'learned' or 'kmeans', got {router!r}")
+        if router not in ROUTER_KINDS:
+            raise ValueError(f"router must be {' or '.join(map(repr, ROUTER_KINDS))}, got {router!r}")
         if router == "kmeans" and (top_k != 1 or sequence_parallel_group is not None):
             raise ValueError("router='kmeans' needs top_k=1 and no sequence_parallel_group (it clusters local keys)")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads

@@ -31,12 +31,11 @@ from moga.functional import _segment_outputs
 from moga.gate import gated_unpermute
 from moga.integrations._block_causal import block_causal_layer_attention
 from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, routed_layout, sort_by_segment
-from moga.modules import WindowArg, moga_layer_attention, resolve_window
+from moga.modules import ROUTER_KINDS, WindowArg, moga_layer_attention, resolve_window
 from moga.router import group_balance_loss, route_tokens
 from moga.window import _segment_of_positions, check_context_frames, check_grid, normalize_shot_starts, window_layout
 
 PAD_QUERY_MODES = ("attend", "zero")
-ROUTER_KINDS = ("learned", "kmeans")
 
 
 @dataclass
