@@ -19,22 +19,18 @@ deterministic mode (``auto`` moves on to the next backend).
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
 from moga._determinism import deterministic_enabled
 from moga.backends._inputs import check_segment_inputs
+from moga.backends.triton_backend import _interpreting
 from moga.layout import SegmentLayout
 
 # The kernels' tables (moga.kernels.contiguous_attention.configs), copied so that asking does not import triton.
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 REASONS_USE_LAYOUT = True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _has_tensor_descriptors() -> bool:

@@ -7,7 +7,6 @@ anything runs, why a method cannot run this device/dtype at all; the reason is p
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torch
 
 import moga
 from moga.backends import BACKEND_NAMES, get_backend
+from moga.backends.triton_backend import _interpreting
 from moga.bench.baselines import (
     dense_sdpa,
     flex_available,
@@ -43,7 +43,7 @@ def _backend_reason(name: str, probe: torch.Tensor) -> str | None:
     mod = get_backend(name)
     if mod is None or not mod.is_available():
         return f"backend {name!r} not available in this installation"
-    if name in ("triton", "triton_tma") and os.environ.get("TRITON_INTERPRET") == "1":
+    if name in ("triton", "triton_tma") and _interpreting():
         return "TRITON_INTERPRET=1: interpreter timings say nothing about the kernel"
     return mod.unsupported_reason(probe, probe, probe)
 
