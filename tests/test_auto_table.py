@@ -3,10 +3,7 @@ on synthetic ``moga bench --json`` files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 import types
 
 import pytest
@@ -15,18 +12,7 @@ import torch
 import moga
 from moga.backends import AUTO_ORDER, BACKEND_NAMES, auto_order, auto_table, select_backend
 from moga.layout import routed_layout
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _script():
-    name = "make_auto_table"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "make_auto_table.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+from tests.utils import load_bench_script
 
 
 def _fake_cuda(T=4096, H=8, D=128, dtype=torch.bfloat16):
@@ -126,7 +112,7 @@ def _row(n, m, method, mode, ms, status="ok", head_dim=128, dtype="bfloat16"):
 
 
 def test_make_auto_table_on_synthetic_results(tmp_path, monkeypatch):
-    script = _script()
+    script = load_bench_script("make_auto_table")
     results = tmp_path / "results"
     (results / "h200").mkdir(parents=True)
     rows = [

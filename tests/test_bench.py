@@ -4,7 +4,6 @@ No timings are asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from moga.bench import runner
 from moga.bench.cases import BenchCase, balanced_sizes, group_ids_from_sizes, make_inputs, zipf_sizes
 from moga.bench.check import CheckResult
 from moga.bench.flops import dense_attention_flops, group_attention_flops
+from tests.utils import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -364,17 +364,6 @@ def test_bench_rejects_a_bad_argument() -> None:
 # ---------------------------------------------------------------- compile_check
 
 
-def _load_compile_check():
-    """bench/compile_check.py is a script, not a package module: load it by path (registered, for dataclasses)."""
-    name = "moga_bench_compile_check"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "compile_check.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 # Captured from Triton 3.8's ptxas (CUDA 12.9) on an attention tile with BM=256, BN=128, D=128, 4 warps.
 PTXAS_SPILL_SM90 = """\
 ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the wgmma pipeline in the function 'attn'
@@ -406,7 +395,7 @@ ptxas info    : Compile time = 8.864 ms
 
 
 def test_parse_ptxas_on_captured_output() -> None:
-    cc = _load_compile_check()
+    cc = load_bench_script("compile_check")
     spill = cc.parse_ptxas(PTXAS_SPILL_SM90)["attn"]
     assert (spill.arch, spill.registers, spill.stack_frame) == ("sm_90a", 255, 1928)
     assert (spill.spill_stores, spill.spill_loads, spill.static_smem) == (3292, 3084, 0)
@@ -426,7 +415,7 @@ def test_parse_ptxas_on_captured_output() -> None:
 
 
 def test_judge_flags_spills_and_shared_memory() -> None:
-    cc = _load_compile_check()
+    cc = load_bench_script("compile_check")
     assert cc.judge(cc.Row("k", "sm_90a", 128, 0, 0, 227 * 1024), 90) == []
     assert cc.judge(cc.Row("k", "sm_80", 128, 0, 0, 227 * 1024), 80)  # over sm_80's 163 KB
     assert "spills" in cc.judge(cc.Row("k", "sm_90a", 255, 96, 48, 1024), 90)[0]
@@ -498,16 +487,6 @@ def test_compile_check_on_small_kernels(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- bench/build_log.py (make build's output)
 
 
-def _load_build_log():
-    name = "moga_bench_build_log"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "build_log.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 NINJA_LOG = """\
 running build_ext
 [1/3] c++ -MMD -MF /b/csrc/ops.o.d -O3 -c -c /repo/csrc/ops.cpp -o /b/csrc/ops.o -O3
@@ -516,7 +495,7 @@ running build_ext
 
 
 def test_build_log_summarises_ptxas_and_counts_objects(tmp_path: Path) -> None:
-    bl = _load_build_log()
+    bl = load_bench_script("build_log")
     log = NINJA_LOG + PTXAS_CLEAN_SM80 + PTXAS_SPILL_SM90 + PTXAS_STATIC_SMEM
     text = bl.summary(log)
     assert text.splitlines()[0] == "compiled 2 object(s)"
@@ -528,7 +507,7 @@ def test_build_log_summarises_ptxas_and_counts_objects(tmp_path: Path) -> None:
 
 
 def test_build_log_runs_a_command_and_keeps_its_output(tmp_path: Path, capsys) -> None:
-    bl = _load_build_log()
+    bl = load_bench_script("build_log")
     log = tmp_path / "sub" / "build.log"
     script = "print('[1/1] g++ -c -c /x/csrc/a.cpp -o a.o'); print('detail')"
     assert bl.main(["--log", str(log), "--", sys.executable, "-c", script]) == 0

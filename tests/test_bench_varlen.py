@@ -13,7 +13,7 @@ from moga.bench.cases import BenchCase, group_ids_from_sizes
 from moga.bench.methods import methods_for
 from moga.reference import group_attention_ref
 from tests.test_varlen_backend import make_standin
-from tests.utils import as_double_leaves, rel_err
+from tests.utils import as_double_leaves, load_bench_script, rel_err
 
 
 @pytest.mark.parametrize("sizes", [[150, 0, 97, 1, 52], [300]])  # ragged with empty and singleton; one group
@@ -84,17 +84,9 @@ def test_gpu_varlen_recipe_matches_reference(dtype) -> None:
 
 
 def test_varlen_bounds_script_refuses_cleanly_without_cuda() -> None:
-    import importlib.util
-    import pathlib
-    import sys
-
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the script would run")
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "varlen_bounds.py"
-    spec = importlib.util.spec_from_file_location("varlen_bounds", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["varlen_bounds"] = mod
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("varlen_bounds")
     assert mod.main([]) == 2
     for name, layout, n in mod._cases(torch.device("cpu")):  # the cases themselves are well-formed layouts
         assert layout.num_tokens == n and layout.q_index.numel() == n, name

@@ -4,29 +4,15 @@ version and the JSON records. CPU-only and fast; the real AOT compile is tested 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.utils import load_bench_script
 
-
-def _load_compile_check():
-    """bench/compile_check.py is a script, not a package module: load it by path (registered, for dataclasses)."""
-    name = "moga_bench_compile_check"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "compile_check.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-cc = _load_compile_check()
+cc = load_bench_script("compile_check")
 
 # ptxas -v output of a Triton dk/dv kernel for sm_90a whose wgmma got serialised (the note comes before the
 # function's own lines and names the function; layout as printed by ptxas 12.x/13.x).

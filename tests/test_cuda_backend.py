@@ -9,9 +9,7 @@ compiles csrc/cuda/*.cu for sm_80 and sm_90a and fails if a production attention
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from moga._alloc import poisoned_outputs
 from moga.backends import _compiled, get_backend
 from moga.layout import SegmentLayout
 from moga.reference import group_attention_ref, moga_attention_ref
-from tests.utils import as_double_leaves, rel_err
+from tests.utils import as_double_leaves, load_bench_script, rel_err
 
 DEVICE = "cuda"
 BACKEND = "cuda"
@@ -34,23 +32,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 
-def _ptxas_report():
-    """bench/ptxas_report.py as a module (bench/ is not a package)."""
-    name = "moga_bench_ptxas_report"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", "ptxas_report.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up here
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 # ---- no GPU needed ---------------------------------------------------------------------------------------------
 
 
 def test_ptxas_parser_flags_spills_and_smem():
     """The spill check can fail: a synthetic ptxas log with spills and oversized smem is reported."""
-    report = _ptxas_report()
+    report = load_bench_script("ptxas_report")
     log = (
         "ptxas info    : Compiling entry function '_ZN9moga_cuda23segment_attn_fwd_kernelI6__halfLi128EEEvv' "
         "for 'sm_80'\n"
@@ -72,10 +59,10 @@ def test_ptxas_parser_flags_spills_and_smem():
     assert len(found) == 2 and "spills" in found[0] and "shared memory" in found[1]
 
 
-@pytest.mark.skipif(_ptxas_report().find_nvcc() is None, reason="nvcc not installed")
+@pytest.mark.skipif(load_bench_script("ptxas_report").find_nvcc() is None, reason="nvcc not installed")
 def test_production_kernels_do_not_spill():
     """Every production attention kernel compiles for sm_80 and sm_90a without spills and fits shared memory."""
-    report = _ptxas_report()
+    report = load_bench_script("ptxas_report")
     rows = report.compile_report(report.find_nvcc())
     for arch in report.ARCHS:
         prod = sorted(r.name for r in rows if r.production and r.arch == arch)

@@ -9,7 +9,6 @@ architecture. tile_sweep.py: its case list, argument parsing and JSON bookkeepin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -18,6 +17,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.utils import load_bench_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
@@ -139,18 +140,8 @@ def test_steps_cannot_run_out_of_plan_order(tmp_path):
 # ---- bench/tile_sweep.py -------------------------------------------------------------------------------------------
 
 
-def _tile_sweep():
-    name = "moga_bench_tile_sweep"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", "tile_sweep.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up here
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 def test_tile_sweep_cases_cover_production_and_issue_candidates():
-    ts = _tile_sweep()
+    ts = load_bench_script("tile_sweep")
     from moga.kernels.segment_attention.configs import production_config
 
     cases = ts.build_candidates(hopper=True)
@@ -179,7 +170,7 @@ def test_tile_sweep_cases_cover_production_and_issue_candidates():
 
 
 def test_tile_sweep_json_after_every_row_errors_and_deadline(tmp_path):
-    ts = _tile_sweep()
+    ts = load_bench_script("tile_sweep")
     cases = ts.build_candidates(hopper=True, head_dims=(128,), kernels=("dkdv",))
     cases.append(ts.Candidate("dkdv", 128, 16, 16, 4, 1, "extra"))
     assert len(cases) == 3
@@ -208,7 +199,7 @@ def test_tile_sweep_json_after_every_row_errors_and_deadline(tmp_path):
 
 
 def test_tile_sweep_cli_list_and_refusals(capsys, tmp_path):
-    ts = _tile_sweep()
+    ts = load_bench_script("tile_sweep")
     assert ts.main(["--list", "--head-dims", "128", "--kernels", "dq"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert len(listed) == 2 and listed[1].startswith("dq D=128 BM=128 BN=64 w=8 s=3") and "issue-11" in listed[1]
@@ -228,7 +219,7 @@ def test_tile_sweep_gpu_measure_through_the_interpreter(monkeypatch, tmp_path):
     triton_testing = pytest.importorskip("triton.testing")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter (CPU machines: tests/conftest.py sets it)")
-    ts = _tile_sweep()
+    ts = load_bench_script("tile_sweep")
     from moga.kernels.segment_attention import configs
 
     entered = []

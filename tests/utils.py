@@ -1,15 +1,18 @@
 """Shared test helpers: relative error against float64 references, backends to test, random inputs, spawning
-gloo ranks and subprocesses."""
+gloo ranks and subprocesses, loading bench scripts."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import socket
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +89,16 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
     )
+
+
+def load_bench_script(stem: str) -> types.ModuleType:
+    """``bench/<stem>.py`` as a module (bench/ holds scripts, not a package), executed once and cached in
+    ``sys.modules`` as ``moga_bench_<stem>`` (dataclasses look their module up there)."""
+    name = f"moga_bench_{stem}"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{stem}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
