@@ -121,15 +121,15 @@ def select_cluster_pairs(
 
 def cluster_layout(
     q_labels: torch.Tensor, k_labels: torch.Tensor, chosen: torch.Tensor
-) -> tuple[RoutedLayout, torch.Tensor]:
+) -> RoutedLayout:
     """The segment layout of chosen cluster pairs: one segment per (batch row, query cluster).
 
     Args:
         q_labels, k_labels: (B, N) int64 in [-1, M) (-1: the token is not a query / not a key).
         chosen: (B, Mq, Mk) bool.
     Returns: the layout (queries of segment (b, a) are the tokens of query cluster a, in token order; its keys the
-    tokens of the chosen key clusters, by cluster then token order) and the number of (query, key) pairs it
-    computes, a 0-d int64 tensor. Reads the total key count back to the host (one synchronisation).
+    tokens of the chosen key clusters, by cluster then token order). Reads the total key count back to the host
+    (one synchronisation).
     """
     B, N = q_labels.shape
     Mq, Mk = chosen.shape[1], chosen.shape[2]
@@ -149,8 +149,6 @@ def cluster_layout(
     within = torch.arange(total, device=dev) - pair_start[pair]
     cluster_row = torch.div(pair, Mq * Mk, rounding_mode="floor") * Mk + pair % Mk  # b * Mk + c
     k_index = k_order[k_cluster_offsets[cluster_row] + within]
-    q_size = q_offsets[1:] - q_offsets[:-1]
-    work = (q_size * (k_offsets[1:] - k_offsets[:-1])).sum()
     segments = SegmentLayout(
         q_index=q_order,
         q_offsets=q_offsets,
@@ -160,7 +158,7 @@ def cluster_layout(
         q_unique=True,
         k_unique=False,
     )
-    return RoutedLayout(segments=segments, position=inverse_permutation(q_order), top_k=1), work
+    return RoutedLayout(segments=segments, position=inverse_permutation(q_order), top_k=1)
 
 
 def _check_top_p(top_p: float, min_clusters: int) -> float:
@@ -248,5 +246,5 @@ def _cluster_attention(
     chosen = select_cluster_pairs(
         q, k, q_labels, k_labels, Mq, Mk, top_p=top_p, min_clusters=min_clusters, softmax_scale=scale
     )
-    layout, _ = cluster_layout(q_labels, k_labels, chosen)
+    layout = cluster_layout(q_labels, k_labels, chosen)
     return _run_segments(q, k, v, layout, scale, backend, deterministic)[:, 0].view(q.shape)
