@@ -9,23 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from moga.modules import MoGAAttention, moga_layer_attention
-from moga.reference import masked_attention_ref, moga_attention_ref
+from moga.reference import masked_attention_ref
 from moga.router import group_balance_loss
 from moga.window import window_mask_ref
-from tests.utils import rel_err
+from tests.utils import rel_err, valid_rows_ref
 
 GRID, DIM, HEADS, M = (2, 3, 4), 64, 2, 3
 N = 24
-
-
-def routed_ref(q, k, v, logits, valid, top_k):
-    out = torch.zeros(q.shape, dtype=torch.float64)
-    for b in range(q.shape[0]):
-        idx = torch.nonzero(valid[b]).flatten()
-        if idx.numel():
-            rows = (t[b : b + 1, idx] for t in (q, k, v, logits))
-            out[b, idx] = moga_attention_ref(*rows, top_k)[0]
-    return out
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -45,7 +35,7 @@ def test_layer_with_padding_matches_reference(backend):
     logits = layer.router(x)
     pair = valid[:, :, None] & valid[:, None, :]
     branches = [
-        routed_ref(q, k, v, logits, valid, 2),
+        valid_rows_ref(q, k, v, logits, valid, 2),
         masked_attention_ref(q, k, v, window_mask_ref(GRID, (2, 2, 2), [1], 1)[None] & pair),
         masked_attention_ref(q, k, v, window_mask_ref(GRID, (1, 3, 4))[None] & pair),
     ]

@@ -10,21 +10,10 @@ import pytest
 import torch
 
 from moga import moga_attention
-from moga.reference import moga_attention_ref
 from tests._gpu_backends import gpu_backends
-from tests.utils import rel_err
+from tests.utils import rel_err, valid_rows_ref
 
 H, D, M = 2, 32, 3
-
-
-def valid_rows_ref(q, k, v, logits, valid, top_k):
-    out = torch.zeros(q.shape, dtype=torch.float64)
-    for b in range(q.shape[0]):
-        idx = torch.nonzero(valid[b]).flatten()
-        if idx.numel():
-            out[b, idx] = moga_attention_ref(q[b : b + 1, idx], k[b : b + 1, idx], v[b : b + 1, idx],
-                                             logits[b : b + 1, idx], top_k)[0]  # fmt: skip
-    return out
 
 
 def make_valid(N: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import moga
 from moga.backends import get_backend
+from moga.reference import moga_attention_ref
 
 # Relative-error bounds against the float64 reference, by dtype (DEVELOPERS.md "Standards").
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3}
@@ -58,6 +59,18 @@ def as_double_leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full attention of (B, N, H, D) tensors through PyTorch's SDPA (Hq == Hkv), detached: (B, N, H, D)."""
     return F.scaled_dot_product_attention(*(t.detach().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+def valid_rows_ref(q, k, v, logits, valid: torch.Tensor, top_k: int) -> torch.Tensor:
+    """float64 MoGA reference with padding: each batch row's valid tokens (``valid`` (B, N) bool) attend among
+    themselves alone, padded positions are 0. q: (B, N, Hq, D), k/v: (B, N, Hkv, D), logits: (B, N, M)."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(q.shape[0]):
+        idx = torch.nonzero(valid[b]).flatten()
+        if idx.numel():
+            rows = (t[b : b + 1, idx] for t in (q, k, v, logits))
+            out[b, idx] = moga_attention_ref(*rows, top_k)[0]
+    return out
 
 
 def free_port() -> int:
