@@ -15,12 +15,10 @@ from collections.abc import Sequence
 import torch
 
 from moga._checks import softmax_scale_or_default
-from moga.functional import _segment_outputs
-from moga.gate import gated_unpermute
-from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, routed_layout, sort_by_segment
-from moga.modules import WindowArg, resolve_window
-from moga.router import route_tokens
-from moga.window import _segment_of_positions, check_context_frames, check_grid, normalize_shot_starts, window_layout
+from moga.integrations._core import _branch_mean
+from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, sort_by_segment
+from moga.modules import WindowArg
+from moga.window import _segment_of_positions, check_grid, normalize_shot_starts
 
 
 def restrict_block_causal(layout: RoutedLayout, block_of_row: torch.Tensor, num_blocks: int) -> RoutedLayout:
@@ -91,22 +89,9 @@ def block_causal_layer_attention(
     rows = torch.arange(B * N, device=q.device, dtype=torch.int64)
     block_of_row = torch.div(rows % N, H * W * frames_per_block, rounding_mode="floor")
 
-    M = router_logits.shape[-1]
-    _, groups, gates = route_tokens(router_logits, top_k)
-    routed = restrict_block_causal(routed_layout(groups, M), block_of_row, num_blocks)
-    out_seg = _segment_outputs(q, k, v, routed, scale, backend)
-    branches = [gated_unpermute(out_seg, routed.position, gates.reshape(B * N, top_k))]
-    grid = (T, H, W)
     shots = normalize_shot_starts(shot_starts, T)
-    windows = []
-    if window is not None:
-        windows.append((resolve_window(window, grid), check_context_frames(context_frames)))
-    if frame_attention:
-        windows.append(((1, H, W), 0))
-    build = window_layout.__wrapped__ if torch.compiler.is_compiling() else window_layout
-    for win, ctx in windows:
-        layout = restrict_block_causal(build(grid, win, shots, ctx, q.device, B), block_of_row, num_blocks)
-        branches.append(_segment_outputs(q, k, v, layout, scale, backend)[layout.position])
-    acc_dtype = torch.promote_types(q.dtype, torch.float32)
-    out = sum(b.to(acc_dtype) for b in branches) / len(branches)
-    return out.to(q.dtype).view(B, N, Hq, D)
+    return _branch_mean(
+        q, k, v, router_logits, lambda layout: restrict_block_causal(layout, block_of_row, num_blocks), top_k=top_k,
+        grid=(T, H, W), window=window, frame_attention=frame_attention, shots=shots, context_frames=context_frames,
+        scale=scale, backend=backend,
+    )  # fmt: skip

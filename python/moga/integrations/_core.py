@@ -17,7 +17,7 @@ rows, so every backend runs it forward and backward with no dense mask. Memory: 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +29,6 @@ from moga._checks import softmax_scale_or_default
 from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
 from moga.functional import _segment_outputs
 from moga.gate import gated_unpermute
-from moga.integrations._block_causal import block_causal_layer_attention
 from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, routed_layout, sort_by_segment
 from moga.modules import ROUTER_KINDS, WindowArg, moga_layer_attention, resolve_window
 from moga.router import group_balance_loss, route_tokens
@@ -133,6 +132,9 @@ class MoGAProcessorBase:
         if not self.context_parallel or block_causal:
             self._refuse_context_parallel()
         if block_causal:
+            # imported here: _block_causal builds on this module's _branch_mean
+            from moga.integrations._block_causal import block_causal_layer_attention
+
             out = block_causal_layer_attention(
                 q, k, v, logits, frames_per_block=self.state.frames_per_block, grid=self.state.grid,
                 top_k=self.top_k, window=self.window, frame_attention=self.frame_attention,
@@ -283,6 +285,55 @@ def text_query_layout(
     return RoutedLayout(segments=segments, position=position, top_k=1)
 
 
+def _branch_mean(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    router_logits: torch.Tensor,
+    adapt: Callable[[RoutedLayout], RoutedLayout],
+    *,
+    top_k: int,
+    grid: tuple[int, int, int] | None,
+    window: WindowArg,
+    frame_attention: bool,
+    shots: Sequence[int] | None,
+    context_frames: int,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """The mean of MoGA's branches over the video tokens, every branch's self-attention layout passed through
+    ``adapt`` (moved onto a joint sequence, restricted to block-causal keys, ...) before it runs.
+
+    Args:
+        q, k, v: (B, N', H, D) (k, v may have fewer heads), the rows ``adapt``'s layouts index.
+        router_logits: (B, n, M), the router on the n video tokens.
+        adapt: maps a layout over the B * n video rows (routed groups, STGA windows, frames) to the layout run.
+        top_k, window, frame_attention, context_frames, backend: as in :func:`moga.modules.moga_layer_attention`.
+        grid: (T, H, W) of the video tokens, checked by the caller (needed when window or frame_attention is set).
+        shots: the normalised shot starts (needed when window or frame_attention is set).
+        scale: the softmax scale.
+
+    Returns: (B, n, H, D) in the dtype of q, the branches averaged in float32 (or q's dtype if wider).
+    """
+    B, n, M = q.shape[0], router_logits.shape[1], router_logits.shape[-1]
+    _, groups, gates = route_tokens(router_logits, top_k)
+    routed = adapt(routed_layout(groups, M))
+    out_seg = _segment_outputs(q, k, v, routed, scale, backend)
+    branches = [gated_unpermute(out_seg, routed.position, gates.reshape(B * n, top_k))]
+    windows = []
+    if window is not None:
+        windows.append((resolve_window(window, grid), check_context_frames(context_frames)))
+    if frame_attention:
+        windows.append(((1, grid[1], grid[2]), 0))
+    build = window_layout.__wrapped__ if torch.compiler.is_compiling() else window_layout
+    for win, ctx in windows:
+        layout = adapt(build(grid, win, shots, ctx, q.device, B))
+        branches.append(_segment_outputs(q, k, v, layout, scale, backend)[layout.position])
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    out = sum(b.to(acc_dtype) for b in branches) / len(branches)  # (B * n, H, D)
+    return out.to(q.dtype).view(B, n, q.shape[2], q.shape[3])
+
+
 def joint_moga_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -333,26 +384,13 @@ def joint_moga_attention(
         grid = check_grid(grid, Nv)
     scale = softmax_scale_or_default(softmax_scale, D)
     joint = dict(batch=B, num_video=Nv, num_text=num_text, video_first=video_first, text_valid=text_valid)
-    M = router_logits.shape[-1]
 
-    _, groups, gates = route_tokens(router_logits, top_k)
-    routed = with_global_keys(routed_layout(groups, M), **joint)
-    out_seg = _segment_outputs(q, k, v, routed, scale, backend)
-    branches = [gated_unpermute(out_seg, routed.position, gates.reshape(B * Nv, top_k))]
-    windows = []
-    if window is not None:
-        windows.append((resolve_window(window, grid), check_context_frames(context_frames)))
-    if frame_attention:
-        windows.append(((1, grid[1], grid[2]), 0))
-    if static:
-        shots = normalize_shot_starts(shot_starts, grid[0])
-        build = window_layout.__wrapped__ if torch.compiler.is_compiling() else window_layout
-    for win, ctx in windows:
-        layout = with_global_keys(build(grid, win, shots, ctx, q.device, B), **joint)
-        branches.append(_segment_outputs(q, k, v, layout, scale, backend)[layout.position])
-    acc_dtype = torch.promote_types(q.dtype, torch.float32)
-    video = sum(b.to(acc_dtype) for b in branches) / len(branches)  # (B * Nv, H, D)
-    video = video.to(q.dtype).view(B, Nv, H, D)
+    shots = normalize_shot_starts(shot_starts, grid[0]) if static else None
+    video = _branch_mean(
+        q, k, v, router_logits, lambda layout: with_global_keys(layout, **joint), top_k=top_k, grid=grid,
+        window=window, frame_attention=frame_attention, shots=shots, context_frames=context_frames, scale=scale,
+        backend=backend,
+    )  # fmt: skip
     if num_text == 0:
         return video
     text_layout = text_query_layout(**joint, pad_queries=pad_queries, device=q.device)
