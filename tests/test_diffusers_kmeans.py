@@ -32,19 +32,13 @@ from moga.integrations.diffusers import (  # noqa: E402
     reset_kmeans_clusters,
 )
 from moga.kmeans import KMeansRouter  # noqa: E402
-from tests._diffusers_families import FAMILIES, GRID, LATENT_5D, WAN_ARGS, output  # noqa: E402
+from tests._diffusers_families import FAMILIES, GRID, LATENT_5D, WAN_ARGS, _wan_like, output  # noqa: E402
 from tests.test_diffusers_families import assert_unchanged, snapshot  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
 
 
-def _wan():
-    model = diffusers.WanTransformer3DModel(**WAN_ARGS).eval()
-    inputs = dict(
-        hidden_states=torch.randn(LATENT_5D), timestep=torch.tensor([500, 300]),
-        encoder_hidden_states=torch.randn(2, 5, 16),
-    )  # fmt: skip
-    return model, inputs
+_wan = _wan_like("WanTransformer3DModel")
 
 
 ALL = {"WanTransformer3DModel": _wan, **FAMILIES}
