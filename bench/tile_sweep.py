@@ -220,6 +220,7 @@ class GpuMeasure:
     def inputs(self, head_dim: int):
         if head_dim not in self._inputs:
             torch = self.torch
+            from moga.bench.flops import group_attention_flops
             from moga.layout import routed_layout
 
             self._inputs.clear()  # one head dim at a time on the device
@@ -232,8 +233,8 @@ class GpuMeasure:
             ids = torch.arange(p.n, device=self.device) % p.m  # balanced sizes ...
             ids = ids[torch.randperm(p.n, generator=gen, device=self.device)]  # ... at shuffled positions
             layout = routed_layout(ids.view(1, p.n, 1), p.m).segments
-            sizes = torch.bincount(ids, minlength=p.m).double()
-            fwd_flops = float(4 * (sizes**2).sum().item() * head_dim * p.heads)
+            sizes = torch.bincount(ids, minlength=p.m).tolist()
+            fwd_flops = float(group_attention_flops(sizes, head_dim, p.heads))
             self._inputs[head_dim] = (q, k, v, dout, layout, head_dim**-0.5, fwd_flops)
         return self._inputs[head_dim]
 
@@ -250,6 +251,7 @@ class GpuMeasure:
         torch = self.torch
         import triton.testing
 
+        from moga.bench.flops import BACKWARD_FACTOR
         from moga.kernels.segment_attention import configs
 
         cfg = configs.KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages)
@@ -266,7 +268,7 @@ class GpuMeasure:
         ref = self._reference[key]
         got = result[:1] if c.kernel == "fwd" else result
         rel = max(float((g.float() - r).norm() / r.norm().clamp_min(1e-30)) for g, r in zip(got, ref, strict=True))
-        flops = fwd_flops if c.kernel == "fwd" else 2.5 * fwd_flops  # backward: 5 matmuls to the forward's 2
+        flops = fwd_flops if c.kernel == "fwd" else BACKWARD_FACTOR * fwd_flops  # backward alone: 5 matmuls to the 2
         timed = "segment_attention_fwd" if c.kernel == "fwd" else "segment_attention_bwd (preprocess + dkdv + dq)"
         return {"median_ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "rel_diff": rel, "timed": timed}
 
