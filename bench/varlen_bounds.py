@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 
 import torch
 
 from moga.backends import varlen_backend
+from moga.bench.timing import time_call
 from moga.layout import routed_layout
 from moga.window import window_layout
 
@@ -47,17 +47,8 @@ def _fwd(q, k, v, layout, bounds, dout) -> None:
 
 
 def _time(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median of exactly ``reps`` CUDA-event timings of ``fn()`` after two warm-up calls, in ms."""
+    return time_call(fn, torch.device("cuda"), warmup=2, min_repeats=reps, max_repeats=reps).median_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
     if not torch.cuda.is_available() or not varlen_backend.is_available():
         print("varlen_bounds: needs CUDA and torch.nn.attention.varlen.varlen_attn", file=sys.stderr)
         return 2
