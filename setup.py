@@ -115,11 +115,7 @@ def _persistent_build_ext(base: type) -> type:
     ninja's objects and .ninja_log survive between builds. Ninja rebuilds an object when its source, a header it
     includes or its command line changed (another torch, flags, arch list or include path): reuse is safe."""
 
-    class PersistentBuildExtension(base):
-        def __init__(self, *args, **kwargs):
-            kwargs["use_ninja"] = True
-            super().__init__(*args, **kwargs)
-
+    class PersistentBuildExtension(base.with_options(use_ninja=True)):
         def finalize_options(self) -> None:
             super().finalize_options()
             self.build_temp = BUILD_DIR
