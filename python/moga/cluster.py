@@ -31,9 +31,8 @@ import torch
 
 from moga._checks import check_qkv, softmax_scale_or_default
 from moga.functional import _run_segments
+from moga.kmeans import _CHUNK_ELEMENTS, _onehot_sums
 from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, sort_by_segment
-
-_CHUNK_ELEMENTS = 1 << 23  # one-hot elements per chunk of the centroid sums
 
 
 def _check_labels(name: str, labels: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
@@ -69,12 +68,13 @@ def _cluster_means(x: torch.Tensor, labels: torch.Tensor, M: int, dtype: torch.d
     B, N, H, D = x.shape
     sums = torch.zeros(B, M, H * D, dtype=dtype, device=x.device)
     counts = torch.zeros(B, M, dtype=dtype, device=x.device)
-    ids = torch.arange(M, device=labels.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, B * M))  # no (B, N, M) one-hot at once
     for a in range(0, N, step):
-        onehot = (labels[:, a : a + step].unsqueeze(-1) == ids).to(dtype)  # (B, n, M); label -1 matches none
-        sums += torch.bmm(onehot.transpose(1, 2), x[:, a : a + step].detach().reshape(B, -1, H * D).to(dtype))
-        counts += onehot.sum(1)
+        chunk_sums, chunk_counts = _onehot_sums(
+            x[:, a : a + step].detach().reshape(B, -1, H * D), labels[:, a : a + step], M, dtype
+        )
+        sums += chunk_sums
+        counts += chunk_counts
     return (sums / counts.clamp(min=1).unsqueeze(-1)).view(B, M, H, D), counts
 
 
@@ -119,9 +119,7 @@ def select_cluster_pairs(
     return chosen & (q_count > 0).unsqueeze(-1)
 
 
-def cluster_layout(
-    q_labels: torch.Tensor, k_labels: torch.Tensor, chosen: torch.Tensor
-) -> RoutedLayout:
+def cluster_layout(q_labels: torch.Tensor, k_labels: torch.Tensor, chosen: torch.Tensor) -> RoutedLayout:
     """The segment layout of chosen cluster pairs: one segment per (batch row, query cluster).
 
     Args:

@@ -22,8 +22,15 @@ import torch
 
 INIT_METHODS = ("kmeans++", "random")
 
-# Budget, in elements, for one chunk's (rows, points, clusters) score matrix when chunk_size is not given.
+# Budget, in elements, for one chunk's (rows, points, clusters) score or one-hot matrix (here and in moga.cluster).
 _CHUNK_ELEMENTS = 1 << 23
+
+
+def _onehot_sums(chunk: torch.Tensor, labels: torch.Tensor, M: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """chunk (B, n, C), labels (B, n) int64 in [-1, M) -> the chunk's per-cluster sums (B, M, C) and counts (B, M),
+    in ``dtype``; label -1 counts nowhere. A one-hot product, not atomics: reproducible on every device."""
+    onehot = (labels.unsqueeze(-1) == torch.arange(M, device=labels.device)).to(dtype)  # (B, n, M)
+    return torch.bmm(onehot.transpose(1, 2), chunk.to(dtype)), onehot.sum(1)
 
 
 class _Points:
@@ -250,9 +257,9 @@ def _lloyd_step(pts: _Points, centroids: torch.Tensor, step: int) -> torch.Tenso
             sums.view(rows * M, pts.C).index_add_(0, flat, pts.chunk(a, b).reshape(-1, pts.C))
             counts.view(-1).index_add_(0, flat, torch.ones(flat.numel(), dtype=dtype))
         else:  # a one-hot product, not atomics: reproducible on CUDA
-            onehot = torch.zeros(rows, b - a, M, dtype=dtype, device=dev).scatter_(2, lab.unsqueeze(2), 1.0)
-            sums.add_(torch.bmm(onehot.transpose(1, 2), pts.chunk(a, b)))
-            counts.add_(onehot.sum(dim=1))
+            chunk_sums, chunk_counts = _onehot_sums(pts.chunk(a, b), lab, M, dtype)
+            sums.add_(chunk_sums)
+            counts.add_(chunk_counts)
         dist[:, a:b] = d
 
     _assign(pts, centroids, step, accumulate)
