@@ -73,6 +73,25 @@ def valid_rows_ref(q, k, v, logits, valid: torch.Tensor, top_k: int) -> torch.Te
     return out
 
 
+def assert_bf16_within_twice_naive(attention: Callable, q, k, v, layout, scale: float) -> None:
+    """bf16 standard: ``attention(q, k, v, layout, scale)`` (segment-attention signature; q: (T, Hq, D), k/v:
+    (T, Hkv, D), bf16 leaves) is within twice the float64 error of naive.py's segment attention run in bf16, for
+    the output and for dq, dk, dv."""
+    from moga.kernels.segment_attention import segment_attention_naive  # Triton package: only when called
+
+    out = attention(q, k, v, layout, scale)
+    bf16_ref, _ = segment_attention_naive(q, k, v, layout, scale)
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref, _ = segment_attention_naive(q64, k64, v64, layout, scale)
+    assert rel_err(out, ref) <= 2 * rel_err(bf16_ref, ref)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    bf16_grads = torch.autograd.grad(bf16_ref, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for name, g, b, r in zip(("dq", "dk", "dv"), grads, bf16_grads, ref_grads, strict=True):
+        assert rel_err(g, r) <= 2 * rel_err(b, r), (name, rel_err(g, r), rel_err(b, r))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
