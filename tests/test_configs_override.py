@@ -1,5 +1,5 @@
-"""configs.override(): the tile-sweep hook takes effect inside its block, for its exact key only, outside the
-interpreter only, and is undone on exit (normal, by an exception, nested)."""
+"""configs.override(): the tile-sweep hook takes effect inside its block, for its key only, outside the
+interpreter only, keyed by tile width, and is undone on exit (normal, by an exception, nested)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,19 @@ def test_override_takes_effect_for_its_key_only(gpu_mode: None) -> None:
         assert configs.config("dkdv", 64, torch.bfloat16, CPU) == configs.production_config("dkdv", 64, torch.bfloat16)
         assert configs.config("dq", 128, torch.bfloat16, CPU) == configs.production_config("dq", 128, torch.bfloat16)
     assert configs.config("dkdv", 128, torch.bfloat16, CPU) == table
+
+
+def test_override_is_keyed_by_the_tile_width(gpu_mode: None) -> None:
+    """The kernels ask config() for the padded width (an input with D = 80 runs in 128-wide tiles): an override
+    given at D = 80 must reach them, and must leave other tile widths alone."""
+    assert configs.padded_head_dim(80) == 128
+    with configs.override("fwd", 80, torch.bfloat16, CANDIDATE):
+        assert configs.config("fwd", 128, torch.bfloat16, CPU) is CANDIDATE
+        assert configs.config("fwd", 80, torch.bfloat16, CPU) is CANDIDATE
+        assert configs.config("fwd", 64, torch.bfloat16, CPU) == configs.production_config("fwd", 64, torch.bfloat16)
+        assert configs.config("fwd", 256, torch.bfloat16, CPU) == configs.production_config("fwd", 256, torch.bfloat16)
+    assert configs.config("fwd", 128, torch.bfloat16, CPU) == configs.production_config("fwd", 128, torch.bfloat16)
+    assert configs._OVERRIDES == {}
 
 
 def test_override_is_undone_by_an_exception(gpu_mode: None) -> None:

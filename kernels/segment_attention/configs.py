@@ -142,11 +142,13 @@ def is_hopper(device: torch.device) -> bool:
 
 def config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
     """The configuration to launch on ``device``: the interpreter's under TRITON_INTERPRET=1, else an active
-    ``override()`` of exactly (kernel, head_dim, dtype), else the production one for the device's architecture."""
+    ``override()`` of (kernel, padded_head_dim(head_dim), dtype), else the production one for the device's
+    architecture."""
     if interpreting():
         return INTERPRETER_CONFIG if kernel != "preprocess" else production_config(kernel, head_dim, dtype)
-    if (kernel, head_dim, dtype) in _OVERRIDES:  # set by override(): a tile sweep's candidate
-        return _OVERRIDES[(kernel, head_dim, dtype)]
+    key = (kernel, padded_head_dim(head_dim), dtype)
+    if key in _OVERRIDES:  # set by override(): a tile sweep's candidate
+        return _OVERRIDES[key]
     return production_config(kernel, head_dim, dtype, hopper=is_hopper(device))
 
 
@@ -157,11 +159,13 @@ _OVERRIDES: dict[tuple[str, int, torch.dtype], KernelConfig] = {}
 
 @contextlib.contextmanager
 def override(kernel: str, head_dim: int, dtype: torch.dtype, cfg: KernelConfig) -> Iterator[KernelConfig]:
-    """Inside the ``with`` block, ``config(kernel, head_dim, dtype, device)`` returns ``cfg`` on every GPU.
+    """Inside the ``with`` block, ``config(kernel, d, dtype, device)`` returns ``cfg`` on every GPU for every head
+    dim ``d`` with the tile width of ``head_dim``.
 
     For tile sweeps (``bench/tile_sweep.py``): time a candidate configuration through the library's own entry
-    points without editing the tables. The key is exact: ``head_dim`` as the caller passes it (not its tile width)
-    and ``dtype`` itself (overriding bfloat16 leaves float16 alone). Under the Triton interpreter the override is
+    points without editing the tables. The key is the tile width ``padded_head_dim(head_dim)``, as in the tables
+    (the kernels run, and ask ``config`` for, the padded width: an override at D = 80 is the one at 128), and
+    ``dtype`` itself (overriding bfloat16 leaves float16 alone). Under the Triton interpreter the override is
     ignored (the interpreter always runs ``INTERPRETER_CONFIG``). On exit, normal or by an exception, the previous
     state returns (an enclosing override of the same key included). Not thread-safe: the overrides are one
     module-level dict. Triton's JIT cache keys on the constexpr block sizes, so each new ``cfg`` compiles once.
@@ -175,14 +179,14 @@ def override(kernel: str, head_dim: int, dtype: torch.dtype, cfg: KernelConfig) 
     """
     if kernel not in TABLES:
         raise ValueError(f"kernel must be one of {sorted(TABLES)}, got {kernel!r}")
-    padded_head_dim(head_dim)  # validates the head dim
+    width = padded_head_dim(head_dim)  # validates the head dim
     _dtype_kind(dtype)  # validates the dtype
     if not isinstance(cfg, KernelConfig):
         raise TypeError(f"cfg must be a KernelConfig, got {type(cfg).__name__}")
     blocks = (cfg.block_m,) if kernel == "preprocess" else (cfg.block_m, cfg.block_n)
     if any(b < 1 or b & (b - 1) for b in blocks) or cfg.num_warps < 1 or cfg.num_stages < 1:
         raise ValueError(f"block sizes must be powers of two and warps, stages >= 1, got {cfg}")
-    key = (kernel, head_dim, dtype)
+    key = (kernel, width, dtype)
     previous = _OVERRIDES.get(key)
     _OVERRIDES[key] = cfg
     try:
