@@ -87,6 +87,14 @@ def sort_by_segment(keys: torch.Tensor, num_segments: int) -> tuple[torch.Tensor
     return order, offsets
 
 
+def segment_of_positions(offsets: torch.Tensor, length: int) -> torch.Tensor:
+    """(length,) int64 segment of each position of a layout's index list (``offsets`` (S + 1,) its segment
+    boundaries); -1 past the last segment."""
+    pos = torch.arange(length, device=offsets.device, dtype=torch.int64)
+    seg = torch.searchsorted(offsets, pos, right=True) - 1
+    return torch.where(pos < offsets[-1], seg, torch.full_like(seg, -1))
+
+
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     """(L,) -> (L,): ``inv[order[p]] = p``."""
     inv = torch.empty_like(order)
@@ -106,6 +114,41 @@ class RoutedLayout:
     segments: SegmentLayout
     position: torch.Tensor  # (T * top_k,) int64
     top_k: int
+
+
+def resegment(
+    layout: RoutedLayout,
+    q_keys: torch.Tensor,
+    k_keys: torch.Tensor,
+    num_segments: int,
+    *,
+    k_index: torch.Tensor | None = None,
+    k_unique: bool | None = None,
+) -> RoutedLayout:
+    """``layout`` with its query and key entries re-sorted into new segments, each new segment a part of an old one
+    (so ``num_tokens``, ``q_unique`` and the length bounds carry over). No host synchronisation.
+
+    Args:
+        layout: the layout to split or filter.
+        q_keys: (Lq,) int64, the new segment of each query entry of ``layout.segments``, in [0, num_segments);
+            negative: excluded (sorted past the last segment: output 0).
+        k_keys: (Lk',) int64, the new segment of each key entry of ``k_index``; negative: excluded.
+        num_segments: S', the number of new segments.
+        k_index: (Lk',) int64 token rows of the key entries (default: ``layout.segments.k_index``).
+        k_unique: whether a token is a key of at most one new segment (default: ``layout.segments.k_unique``).
+
+    Returns: the new layout, ``position`` updated so its entries keep their meaning.
+    """
+    seg = layout.segments
+    q_order, q_offsets = sort_by_segment(q_keys, num_segments)
+    k_order, k_offsets = sort_by_segment(k_keys, num_segments)
+    k_rows = seg.k_index if k_index is None else k_index
+    segments = SegmentLayout(
+        q_index=seg.q_index[q_order], q_offsets=q_offsets, k_index=k_rows[k_order], k_offsets=k_offsets,
+        num_tokens=seg.num_tokens, q_unique=seg.q_unique, k_unique=seg.k_unique if k_unique is None else k_unique,
+        max_q_len=seg.max_q_len, max_k_len=seg.max_k_len,
+    )  # fmt: skip
+    return RoutedLayout(segments=segments, position=inverse_permutation(q_order)[layout.position], top_k=layout.top_k)
 
 
 def routed_layout(groups: torch.Tensor, num_groups: int) -> RoutedLayout:

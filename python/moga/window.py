@@ -26,7 +26,14 @@ import torch
 
 from moga._checks import check_qkv, softmax_scale_or_default
 from moga.functional import _check_valid, _run_segments
-from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, sort_by_segment
+from moga.layout import (
+    RoutedLayout,
+    SegmentLayout,
+    inverse_permutation,
+    resegment,
+    segment_of_positions,
+    sort_by_segment,
+)
 from moga.reference import masked_attention_ref
 
 Grid = tuple[int, int, int]
@@ -225,29 +232,16 @@ def window_attention(
     return _run_segments(q, k, v, layout, scale, backend, deterministic)[:, 0].view(q.shape)
 
 
-def _segment_of_positions(offsets: torch.Tensor, length: int) -> torch.Tensor:
-    """(length,) segment of each position of a layout's index list; -1 past the last segment."""
-    pos = torch.arange(length, device=offsets.device, dtype=torch.int64)
-    seg = torch.searchsorted(offsets, pos, right=True) - 1
-    return torch.where(pos < offsets[-1], seg, torch.full_like(seg, -1))
-
-
 def drop_padding(layout: RoutedLayout, valid_rows: torch.Tensor) -> RoutedLayout:
     """``layout`` without the padded token rows (``valid_rows`` (T,) bool, False = padding): they become neither
     queries nor keys of any segment, and their query entries sit past the last segment (output 0, no gradient).
     Segments and ``position`` keep their meaning; no host synchronisation."""
     seg = layout.segments
-    S = seg.num_segments
-    q_seg = _segment_of_positions(seg.q_offsets, seg.q_index.numel())
-    q_order, q_offsets = sort_by_segment(torch.where(valid_rows[seg.q_index], q_seg, torch.full_like(q_seg, -1)), S)
-    k_seg = _segment_of_positions(seg.k_offsets, seg.k_index.numel())
-    k_order, k_offsets = sort_by_segment(torch.where(valid_rows[seg.k_index], k_seg, torch.full_like(k_seg, -1)), S)
-    segments = SegmentLayout(
-        q_index=seg.q_index[q_order], q_offsets=q_offsets, k_index=seg.k_index[k_order], k_offsets=k_offsets,
-        num_tokens=seg.num_tokens, q_unique=seg.q_unique, k_unique=seg.k_unique, max_q_len=seg.max_q_len,
-        max_k_len=seg.max_k_len,
-    )  # fmt: skip
-    return RoutedLayout(segments=segments, position=inverse_permutation(q_order)[layout.position], top_k=layout.top_k)
+    q_seg = segment_of_positions(seg.q_offsets, seg.q_index.numel())
+    k_seg = segment_of_positions(seg.k_offsets, seg.k_index.numel())
+    q_keys = torch.where(valid_rows[seg.q_index], q_seg, torch.full_like(q_seg, -1))
+    k_keys = torch.where(valid_rows[seg.k_index], k_seg, torch.full_like(k_seg, -1))
+    return resegment(layout, q_keys, k_keys, seg.num_segments)
 
 
 def window_mask_ref(

@@ -16,9 +16,9 @@ import torch
 
 from moga._checks import softmax_scale_or_default
 from moga.integrations._core import _branch_mean
-from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, sort_by_segment
+from moga.layout import RoutedLayout, resegment, segment_of_positions
 from moga.modules import WindowArg
-from moga.window import _segment_of_positions, check_grid, normalize_shot_starts
+from moga.window import check_grid, normalize_shot_starts
 
 
 def restrict_block_causal(layout: RoutedLayout, block_of_row: torch.Tensor, num_blocks: int) -> RoutedLayout:
@@ -34,21 +34,14 @@ def restrict_block_causal(layout: RoutedLayout, block_of_row: torch.Tensor, num_
     seg = layout.segments
     S, nb = seg.num_segments, num_blocks
     device = seg.q_index.device
-    q_seg = _segment_of_positions(seg.q_offsets, seg.q_index.numel())
+    q_seg = segment_of_positions(seg.q_offsets, seg.q_index.numel())
     q_keys = torch.where(q_seg >= 0, q_seg * nb + block_of_row[seg.q_index], torch.full_like(q_seg, -1))
-    q_order, q_offsets = sort_by_segment(q_keys, S * nb)
-    k_seg = _segment_of_positions(seg.k_offsets, seg.k_index.numel())
+    k_seg = segment_of_positions(seg.k_offsets, seg.k_index.numel())
     blocks = torch.arange(nb, device=device, dtype=torch.int64).view(1, nb)
     usable = (k_seg >= 0).view(-1, 1) & (blocks >= block_of_row[seg.k_index].view(-1, 1))  # (Lk, nb)
     k_keys = torch.where(usable, k_seg.view(-1, 1) * nb + blocks, torch.full_like(usable, -1, dtype=torch.int64))
-    k_order, k_offsets = sort_by_segment(k_keys.reshape(-1), S * nb)
     k_rows = seg.k_index.view(-1, 1).expand(-1, nb).reshape(-1)
-    segments = SegmentLayout(
-        q_index=seg.q_index[q_order], q_offsets=q_offsets, k_index=k_rows[k_order], k_offsets=k_offsets,
-        num_tokens=seg.num_tokens, q_unique=seg.q_unique, k_unique=seg.k_unique and nb == 1,
-        max_q_len=seg.max_q_len, max_k_len=seg.max_k_len,  # each new segment is a part of an old one
-    )  # fmt: skip
-    return RoutedLayout(segments=segments, position=inverse_permutation(q_order)[layout.position], top_k=layout.top_k)
+    return resegment(layout, q_keys, k_keys.reshape(-1), S * nb, k_index=k_rows, k_unique=seg.k_unique and nb == 1)
 
 
 def block_causal_layer_attention(

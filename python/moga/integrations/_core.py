@@ -29,10 +29,17 @@ from moga._checks import softmax_scale_or_default
 from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
 from moga.functional import _segment_outputs
 from moga.gate import gated_unpermute
-from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, routed_layout, sort_by_segment
+from moga.layout import (
+    RoutedLayout,
+    SegmentLayout,
+    inverse_permutation,
+    routed_layout,
+    segment_of_positions,
+    sort_by_segment,
+)
 from moga.modules import ROUTER_KINDS, WindowArg, moga_layer_attention, resolve_window
 from moga.router import group_balance_loss, route_tokens
-from moga.window import _segment_of_positions, check_context_frames, check_grid, normalize_shot_starts, window_layout
+from moga.window import check_context_frames, check_grid, normalize_shot_starts, window_layout
 
 PAD_QUERY_MODES = ("attend", "zero")
 
@@ -232,7 +239,7 @@ def with_global_keys(
     S = seg.num_segments
     q_index = _video_rows(seg.q_index, num_video, N, video_offset)
     own_rows = _video_rows(seg.k_index, num_video, N, video_offset)
-    own_keys = _segment_of_positions(seg.k_offsets, seg.k_index.numel())
+    own_keys = segment_of_positions(seg.k_offsets, seg.k_index.numel())
     text_rows = _block_rows(batch, N, text_offset, num_text, device)  # (B, Nt)
     seg_row = torch.arange(S, device=device, dtype=torch.int64) // (S // batch)  # batch row of each segment
     extra_rows = text_rows[seg_row]  # (S, Nt)
