@@ -173,12 +173,6 @@ def latent_grid(frames: int, width: int, height: int) -> tuple[int, int, int]:
     return (frames - 1) // VAE_STRIDE[0] + 1, height // sh, width // sw
 
 
-def _group_sizes(n: int, m: int, distribution: str) -> list[int]:
-    from moga.bench.cases import group_sizes
-
-    return group_sizes(n, m, distribution)
-
-
 def _shot_bounds(shot_starts: tuple[int, ...], num_frames: int) -> list[tuple[int, int]]:
     starts = sorted(set((0, *shot_starts)))
     if starts[-1] >= num_frames or starts[0] < 0:
@@ -195,8 +189,6 @@ def stga_pairs(grid: tuple[int, int, int], s: MoGASettings) -> int:
     wh, ww = -(-H // s.rows), -(-W // s.cols)
     spatial = [min(wh, H - r) * min(ww, W - c) for r in range(0, H, wh) for c in range(0, W, ww)]
     per_frame_sq = sum(a * a for a in spatial)  # sum over spatial windows of (tokens per frame)^2
-    per_frame = sum(spatial)
-    assert per_frame == H * W
     shots = _shot_bounds(s.shot_starts, T)
     pairs = 0
     for j, (start, end) in enumerate(shots):
@@ -262,7 +254,9 @@ def plan(
 
     per_token_weights = 4 * d * d + 2 * d * cfg.ffn + (2 * d * d if nt else 0)
     linear = L * (2 * n * per_token_weights + 2 * nt * 2 * d * d) + 2 * n * patch_in * d * 2
-    sizes = _group_sizes(n, moga.num_groups, moga.distribution)
+    from moga.bench.cases import group_sizes  # here: importing moga does not import the bench
+
+    sizes = group_sizes(n, moga.num_groups, moga.distribution)
     flops = {
         "linear": float(linear),
         "router": float(L * 2 * n * d * moga.num_groups),
