@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from moga._determinism import deterministic_enabled
 from moga.backends._inputs import check_segment_inputs
-from moga.layout import SegmentLayout
+from moga.layout import SegmentLayout, segment_of_positions
 
 # Injection point: a callable with varlen_attn's signature
 # ``(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=..., enable_gqa=...)`` used instead of torch's
@@ -276,11 +276,10 @@ def segment_attention(
     if Dk != D:
         out = out[..., :D]
     # Zero the rows of the tail sequence and of segments without keys (sequence s has keys iff cu_k[s+1] > cu_k[s];
-    # the tail, index S, never counts).
+    # the tail, segment -1, reads the trailing False).
     has_keys = torch.diff(layout.k_offsets) > 0  # (S,)
     has_keys = torch.cat([has_keys, has_keys.new_zeros(1)])  # (S + 1,)
-    positions = torch.arange(Lq, device=q.device, dtype=torch.int64)
-    seq = torch.searchsorted(layout.q_offsets, positions, right=True) - 1  # (Lq,) in [0, S]
+    seq = segment_of_positions(layout.q_offsets, Lq)  # (Lq,) in [0, S) or -1
     keep = has_keys[seq]
     return torch.where(keep[:, None, None], out, out.new_zeros(()))
 
