@@ -12,6 +12,7 @@ docs/*.md is not covered: its python blocks are signature listings and multi-GPU
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -104,3 +105,18 @@ def test_tables_are_contiguous():
             assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", nxt.strip()), (
                 f"README.md:{i + 1}: table rows without a header (a blank line inside a table?): {line[:80]}"
             )
+
+
+_HOLDS_GROUP = re.compile(r"group\.WORLD|new_group\(|sequence_parallel_group")
+
+
+@pytest.mark.parametrize("snippet", [s for s in SNIPPETS if _TORCHRUN.fullmatch(s.marker or "")], ids=str)
+def test_torchrun_snippets_hold_no_group_globally(snippet: Snippet):
+    """A process group bound to a module global outlives destroy_process_group(), and gloo's worker thread can then
+    drop its last collective's tensors while the interpreter exits, which aborts the rank (a crash CI saw once in
+    ~2 runs under load). Such a snippet must do its work in a function."""
+    tree = ast.parse(snippet.code)
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            src = ast.get_source_segment(snippet.code, node) or ""
+            assert not _HOLDS_GROUP.search(src), f"{snippet}: module-level binding of a process group: {src!r}"
