@@ -54,8 +54,6 @@ mkdir -p "$OUT"
 export LOG="$OUT/gpu_check.log" SUMMARY="$OUT/summary.txt"
 export DRY=${GPU_CHECK_DRY_RUN:-0}
 START=$(date +%s)
-export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET # real kernels on the real GPU
 
 # ---- the plan ---------------------------------------------------------------------------------------------------
 STEPS=(env build import ceiling bench test_triton test_cuda test_large memcheck tile_sweep report)
@@ -76,25 +74,13 @@ BUDGET=${GPU_CHECK_SECONDS:-$PLAN}
 NEXT=0 # index in STEPS of the next step: steps run (or are skipped) in plan order, none left out
 
 # ---- the machine --------------------------------------------------------------------------------------------------
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# CUDA_HOME, MAX_JOBS, PYTHONUNBUFFERED=1, no TRITON_INTERPRET (real kernels on the real GPU), and the helpers below.
+source bench/gpu_env.sh || exit 2
 export CC_GPU
-CC_GPU=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')
-# The device's own architecture only (an inherited TORCH_CUDA_ARCH_LIST, e.g. an image's list of many, is replaced:
-# GPU_CHECK_ARCH chooses another).
-if [[ -n "${GPU_CHECK_ARCH:-}" ]]; then
-  TORCH_CUDA_ARCH_LIST=$GPU_CHECK_ARCH
-else
-  case "$CC_GPU" in
-    9.0) TORCH_CUDA_ARCH_LIST=9.0a ;; # Hopper: wgmma / setmaxnreg need the sm_90a target
-    [0-9].[0-9] | 1[0-9].[0-9]) TORCH_CUDA_ARCH_LIST=$CC_GPU ;;
-    *) TORCH_CUDA_ARCH_LIST="8.0;9.0a" ;; # unknown device: setup.py's default
-  esac
-fi
-export TORCH_CUDA_ARCH_LIST
+CC_GPU=$(gpu_compute_cap)
+gpu_arch_list "$CC_GPU" # the device's own architecture only (GPU_CHECK_ARCH chooses another)
 export SANITIZER
-SANITIZER=$(command -v compute-sanitizer ||
-  ls "$CUDA_HOME"/bin/compute-sanitizer "$CUDA_HOME"/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)
+SANITIZER=$(find_sanitizer)
 export TIMEOUT_NOTE
 PER_TEST=${GPU_CHECK_TEST_TIMEOUT:-45}
 PYTEST=("$PYTHON" -m pytest -v -p no:cacheprovider -rfE --tb=short -m "gpu or not slow")
@@ -107,10 +93,8 @@ fi
 
 # Import moga from this tree without installing it: python/ on the path, the Triton kernels linked in as
 # moga.kernels (setup.py maps kernels/ there when installing). The link goes again on exit.
-export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-if [[ $DRY != 1 && ! -e python/moga/kernels ]]; then
-  ln -s ../../kernels python/moga/kernels && trap 'rm -f python/moga/kernels' EXIT
-fi
+use_source_tree
+[[ $DRY == 1 ]] || link_kernels
 
 # ---- bookkeeping ----------------------------------------------------------------------------------------------------
 : >"$LOG"

@@ -24,23 +24,13 @@ mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 START=$(date +%s)
 BUDGET=${SANITIZE_SECONDS:-300}
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-if [[ -n "${GPU_CHECK_ARCH:-}" ]]; then
-  TORCH_CUDA_ARCH_LIST=$GPU_CHECK_ARCH
-else
-  CC_GPU=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')
-  case "$CC_GPU" in
-    9.0) TORCH_CUDA_ARCH_LIST=9.0a ;;
-    [0-9].[0-9] | 1[0-9].[0-9]) TORCH_CUDA_ARCH_LIST=$CC_GPU ;;
-    *) TORCH_CUDA_ARCH_LIST="8.0;9.0a" ;;
-  esac
-fi
-export TORCH_CUDA_ARCH_LIST
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
+# As gpu_check.sh (bench/gpu_env.sh): CUDA_HOME, MAX_JOBS, PYTHONUNBUFFERED=1, no TRITON_INTERPRET, the build for
+# the device's own architecture (or GPU_CHECK_ARCH).
+source bench/gpu_env.sh || exit 2
+gpu_arch_list
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 
-SANITIZER=$(command -v compute-sanitizer || ls "$CUDA_HOME"/compute-sanitizer/compute-sanitizer "$CUDA_HOME"/bin/compute-sanitizer 2>/dev/null | head -1)
+SANITIZER=$(find_sanitizer)
 echo "gpu_sanitize $STAMP, budget ${BUDGET}s, sanitizer: ${SANITIZER:-not found}" | tee "$SUMMARY"
 if [[ -z "$SANITIZER" ]]; then
   echo "compute-sanitizer not found: nothing to do" | tee -a "$SUMMARY"
@@ -48,8 +38,8 @@ if [[ -z "$SANITIZER" ]]; then
 fi
 
 # As gpu_check.sh: moga imported from python/ (the in-place build), the Triton kernels linked in as moga.kernels.
-export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-[[ -e python/moga/kernels ]] || { ln -s ../../kernels python/moga/kernels && trap 'rm -f python/moga/kernels' EXIT; }
+use_source_tree
+link_kernels
 if [[ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ]]; then
   timeout 120 env MOGA_BUILD_CUDA=1 "$PYTHON" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
   echo "build rc=$? ($(($(date +%s) - START))s, arch $TORCH_CUDA_ARCH_LIST)" | tee -a "$SUMMARY"

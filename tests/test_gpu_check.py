@@ -132,9 +132,83 @@ def test_steps_cannot_run_out_of_plan_order(tmp_path):
     copy = tmp_path / "bench" / "gpu_check.sh"
     copy.parent.mkdir()
     copy.write_text(moved)
+    shutil.copy(os.path.join(ROOT, "bench", "gpu_env.sh"), copy.parent)  # the environment it sources
     env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(copy)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3 and "out of plan order" in proc.stderr
+
+
+# ---- bench/gpu_sanitize.sh -----------------------------------------------------------------------------------------
+
+FAKE_SANITIZER = """#!/bin/sh
+echo "stand-in sanitizer: $*"
+echo "kernels link: $(readlink python/moga/kernels)"
+env | grep -E '^(TORCH_CUDA_ARCH_LIST|PYTHONPATH|PYTHONUNBUFFERED|PYTORCH_NO_CUDA_MEMORY_CACHING|TRITON_INTERPRET)='
+echo "========= ERROR SUMMARY: 0 errors"
+"""
+
+
+def _run_sanitize(tmp_path, sanitizer: bool, **env_extra: str) -> tuple[int, str]:
+    """gpu_sanitize.sh (it has no dry-run mode) copied with the gpu_env.sh it sources into ``tmp_path/bench`` and run
+    there (its python/moga/kernels link lands in tmp_path), with a stand-in nvidia-smi (compute capability 9.0) and,
+    when ``sanitizer``, a stand-in compute-sanitizer that prints its arguments and environment instead of running the
+    tests. Returns (rc, summary text)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    tools = {"nvidia-smi": FAKE_NVIDIA_SMI.format(cc="9.0")}
+    if sanitizer:
+        tools["compute-sanitizer"] = FAKE_SANITIZER
+    for name, text in tools.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "bench").mkdir()
+    for name in ("gpu_sanitize.sh", "gpu_env.sh"):
+        shutil.copy(os.path.join(ROOT, "bench", name), tmp_path / "bench")
+    (tmp_path / "python" / "moga").mkdir(parents=True)
+    path = [d for d in os.environ["PATH"].split(os.pathsep) if d and not os.path.exists(f"{d}/compute-sanitizer")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "SANITIZE_"))}
+    env.update(
+        PATH=os.pathsep.join([str(bin_dir), *path]),
+        CUDA_HOME=str(tmp_path / "no_cuda"),
+        OUT=str(tmp_path / "out"),
+        PYTHON=sys.executable,
+        GPU_CHECK_SKIP_BUILD="1",
+        SANITIZE_SECONDS="100",
+        TORCH_CUDA_ARCH_LIST="7.0;8.0",  # an inherited list gives way to the device's own
+        TRITON_INTERPRET="1",
+        **env_extra,
+    )
+    script = str(tmp_path / "bench" / "gpu_sanitize.sh")
+    proc = subprocess.run(["bash", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert not (tmp_path / "python" / "moga" / "kernels").is_symlink(), "the kernels link is removed on exit"
+    return proc.returncode, (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_gpu_sanitize_environment_and_both_tools(tmp_path):
+    rc, summary = _run_sanitize(tmp_path, sanitizer=True)
+    assert rc == 0, summary
+    assert re.match(r"gpu_sanitize \S+, budget 100s, sanitizer: .*/bin/compute-sanitizer\n", summary), summary
+    assert re.search(r"^memcheck +rc=0 .*ERROR SUMMARY: 0 error$", summary, re.M), summary
+    assert re.search(r"^racecheck +rc=0 .*ERROR SUMMARY: 0 error$", summary, re.M), summary
+    for tool in ("memcheck", "racecheck"):
+        log = (tmp_path / "out" / f"{tool}.log").read_text()
+        args = re.search(r"^stand-in sanitizer: (.*)$", log, re.M).group(1)
+        assert f"--tool {tool} " in args and "-m pytest -v" in args and "tests/test_cuda_backend.py -k" in args
+        assert ("--racecheck-report hazard" in args) == (tool == "racecheck")
+        assert "kernels link: ../../kernels" in log
+        env = dict(re.findall(r"^([A-Z_]+)=(.*)$", log, re.M))
+        assert env["TORCH_CUDA_ARCH_LIST"] == "9.0a", "Hopper: the device's own sm_90a alone"
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "python")
+        assert env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+        assert "TRITON_INTERPRET" not in env
+
+
+def test_gpu_sanitize_arch_override_and_no_sanitizer(tmp_path):
+    rc, summary = _run_sanitize(tmp_path / "a", sanitizer=True, GPU_CHECK_ARCH="8.6")
+    assert rc == 0 and "TORCH_CUDA_ARCH_LIST=8.6\n" in (tmp_path / "a" / "out" / "memcheck.log").read_text()
+    rc, summary = _run_sanitize(tmp_path / "b", sanitizer=False)
+    assert rc == 0 and "sanitizer: not found" in summary and "compute-sanitizer not found: nothing to do" in summary
+    assert "memcheck" not in summary
 
 
 # ---- bench/tile_sweep.py -------------------------------------------------------------------------------------------
