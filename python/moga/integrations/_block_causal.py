@@ -6,10 +6,16 @@ in blocks 0..b (the stock model's dense mask). Under MoGA this mask is intersect
 group, an STGA window, a frame. On the segment primitive a segment s becomes ``num_blocks`` segments (s, b): the
 queries of s in block b, and the keys of s in blocks <= b. No dense mask; the key lists grow by at most a factor
 ``num_blocks`` (a key of block c is listed once for every b >= c).
+
+The restricted STGA and frame layouts depend only on host values (grid, window, shots, context frames, device,
+batch, frames per block) and are cached like :func:`moga.window.window_layout`
+(:func:`block_causal_window_layout`). The routed branch's layout depends on the router's output and is built on
+every call.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +24,7 @@ from moga._checks import softmax_scale_or_default
 from moga.integrations._core import _branch_mean
 from moga.layout import RoutedLayout, resegment, segment_of_positions
 from moga.modules import WindowArg
-from moga.window import check_grid, normalize_shot_starts
+from moga.window import Grid, check_grid, normalize_shot_starts, window_layout
 
 
 def restrict_block_causal(layout: RoutedLayout, block_of_row: torch.Tensor, num_blocks: int) -> RoutedLayout:
@@ -42,6 +48,42 @@ def restrict_block_causal(layout: RoutedLayout, block_of_row: torch.Tensor, num_
     k_keys = torch.where(usable, k_seg.view(-1, 1) * nb + blocks, torch.full_like(usable, -1, dtype=torch.int64))
     k_rows = seg.k_index.view(-1, 1).expand(-1, nb).reshape(-1)
     return resegment(layout, q_keys, k_keys.reshape(-1), S * nb, k_index=k_rows, k_unique=seg.k_unique and nb == 1)
+
+
+def block_of_rows(batch: int, grid: Grid, frames_per_block: int, device: torch.device) -> torch.Tensor:
+    """(batch * T * H * W,) int64 causal block of every flattened token row (row b * N + i, i in raster order over
+    ``grid``): frame // frames_per_block."""
+    _, H, W = grid
+    N = grid[0] * H * W
+    rows = torch.arange(batch * N, device=device, dtype=torch.int64)
+    return torch.div(rows % N, H * W * frames_per_block, rounding_mode="floor")
+
+
+# Bounded like window_layout's cache, smaller: an entry's key lists are up to num_blocks times a window layout's.
+@functools.lru_cache(maxsize=16)
+def block_causal_window_layout(
+    grid: Grid,
+    window: Grid,
+    shot_starts: tuple[int, ...],
+    context_frames: int,
+    device: torch.device,
+    batch: int,
+    frames_per_block: int,
+) -> RoutedLayout:
+    """:func:`moga.window.window_layout` restricted to block-causal keys (:func:`restrict_block_causal`), built once
+    per argument tuple (cached).
+
+    Args: as :func:`moga.window.window_layout` (already validated, ``shot_starts`` normalised), and
+        ``frames_per_block``, which divides the grid's T.
+
+    Returns: the restricted :class:`RoutedLayout`, batch * (window layout's segments) * (T / frames_per_block)
+    segments. Callers must not modify its tensors (they are shared by every call with the same arguments).
+    """
+    # Under torch.compile the layout is traced into the graph (Dynamo does not consult an lru_cache).
+    build = window_layout.__wrapped__ if torch.compiler.is_compiling() else window_layout
+    base = build(grid, window, shot_starts, context_frames, device, batch)
+    block_of_row = block_of_rows(batch, grid, frames_per_block, device)
+    return restrict_block_causal(base, block_of_row, grid[0] // frames_per_block)
 
 
 def block_causal_layer_attention(
@@ -79,12 +121,16 @@ def block_causal_layer_attention(
         raise ValueError(f"the grid's {T} frames are not a multiple of frames_per_block={frames_per_block}")
     num_blocks = T // frames_per_block
     scale = softmax_scale_or_default(softmax_scale, D)
-    rows = torch.arange(B * N, device=q.device, dtype=torch.int64)
-    block_of_row = torch.div(rows % N, H * W * frames_per_block, rounding_mode="floor")
+    block_of_row = block_of_rows(B, (T, H, W), frames_per_block, q.device)
+    cached = not torch.compiler.is_compiling()  # Dynamo traces the builder itself, as for window_layout
+    static_build = block_causal_window_layout if cached else block_causal_window_layout.__wrapped__
 
     shots = normalize_shot_starts(shot_starts, T)
     return _branch_mean(
         q, k, v, router_logits, lambda layout: restrict_block_causal(layout, block_of_row, num_blocks), top_k=top_k,
         grid=(T, H, W), window=window, frame_attention=frame_attention, shots=shots, context_frames=context_frames,
         scale=scale, backend=backend,
+        static_layout=lambda grid, win, shots, ctx, device, batch: static_build(
+            grid, win, shots, ctx, device, batch, frames_per_block
+        ),
     )  # fmt: skip

@@ -307,6 +307,7 @@ def _branch_mean(
     context_frames: int,
     scale: float,
     backend: str,
+    static_layout: Callable[..., RoutedLayout] | None = None,
 ) -> torch.Tensor:
     """The mean of MoGA's branches over the video tokens, every branch's self-attention layout passed through
     ``adapt`` (moved onto a joint sequence, restricted to block-causal keys, ...) before it runs.
@@ -319,6 +320,9 @@ def _branch_mean(
         grid: (T, H, W) of the video tokens, checked by the caller (needed when window or frame_attention is set).
         shots: the normalised shot starts (needed when window or frame_attention is set).
         scale: the softmax scale.
+        static_layout: builds the layout run by a static branch, called as ``static_layout(grid, window, shots,
+            context_frames, device, B)`` (a cached builder when ``adapt`` is a function of these alone); None:
+            ``adapt(window_layout(...))``.
 
     Returns: (B, n, H, D) in the dtype of q, the branches averaged in float32 (or q's dtype if wider).
     """
@@ -334,7 +338,10 @@ def _branch_mean(
         windows.append(((1, grid[1], grid[2]), 0))
     build = window_layout.__wrapped__ if torch.compiler.is_compiling() else window_layout
     for win, ctx in windows:
-        layout = adapt(build(grid, win, shots, ctx, q.device, B))
+        if static_layout is not None:
+            layout = static_layout(grid, win, shots, ctx, q.device, B)
+        else:
+            layout = adapt(build(grid, win, shots, ctx, q.device, B))
         branches.append(_segment_outputs(q, k, v, layout, scale, backend)[layout.position])
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     out = sum(b.to(acc_dtype) for b in branches) / len(branches)  # (B * n, H, D)
