@@ -2,7 +2,8 @@
 
 Head dims other than 32, 64, 128, 256 are zero-padded on the host to the next tile width (see
 ``moga.kernels.segment_attention.fwd``); these tests check forward and gradients against float64 references at
-such dims, that the padding never leaks (NaN-poisoned outputs, default softmax scale from the real D), and that
+such dims, that the padding never leaks (NaN-poisoned outputs, default softmax scale from the real D), that one
+autograd call pads each of q, k, v, dout once (bitwise the results of padding inside every launch), and that
 every kernel launch runs at a compiled tile width, inside a device guard for q's device. Under the Triton
 interpreter (no GPU) inputs stay small: N <= 160, at most 2 query heads.
 """
@@ -10,11 +11,14 @@ interpreter (no GPU) inputs stay small: N <= 160, at most 2 query heads.
 from __future__ import annotations
 
 import contextlib
+import types
 
 import pytest
 import torch
 
-from moga import _alloc, group_attention
+import moga.functional
+from moga import _alloc, _head_dim, group_attention, moga_attention
+from moga.backends import _autograd as autograd_wrapper
 from moga.backends import get_backend
 from moga.layout import SegmentLayout, routed_layout
 from moga.reference import group_attention_ref
@@ -26,7 +30,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 if triton_backend is not None and triton_backend.is_available():
-    from moga.kernels.segment_attention import launch, segment_attention_fwd, segment_attention_naive
+    from moga.kernels.segment_attention import (
+        launch,
+        segment_attention_bwd,
+        segment_attention_fwd,
+        segment_attention_naive,
+    )
     from moga.kernels.segment_attention.configs import HEAD_DIMS, interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,6 +126,101 @@ def test_bfloat16_odd_head_dim_within_twice_a_bf16_torch_implementation() -> Non
     layout = _ragged_layout(T, [60, 25, 1])
     q, k, v = (torch.randn(T, H, D, dtype=torch.bfloat16, device=DEVICE).requires_grad_(True) for _ in range(3))
     assert_bf16_within_twice_naive(triton_backend.segment_attention, q, k, v, layout, D**-0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding once per autograd call: the wrapper pads q, k, v in forward and dout in backward, each once, and slices
+# out, dq, dk, dv once each; results are bitwise those of the launchers padding inside every call (the old path).
+
+
+class _CopyCounter:
+    """Counts the head-dim pad copies (every torch.nn.functional.pad call) and slice copies (unpad_head_dim
+    calls that return a new tensor), wherever the wrapper and the launchers look the helpers up."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pads = self.slices = 0
+        real_pad, real_unpad = torch.nn.functional.pad, _head_dim.unpad_head_dim
+
+        def pad(*args, **kwargs):
+            self.pads += 1
+            return real_pad(*args, **kwargs)
+
+        def unpad(t: torch.Tensor, D: int) -> torch.Tensor:
+            r = real_unpad(t, D)
+            self.slices += r is not t
+            return r
+
+        monkeypatch.setattr(torch.nn.functional, "pad", pad)
+        for module in (_head_dim, autograd_wrapper, launch):
+            monkeypatch.setattr(module, "unpad_head_dim", unpad)
+
+    def take(self) -> tuple[int, int]:
+        """(pads, slices) since the last take."""
+        counts, self.pads, self.slices = (self.pads, self.slices), 0, 0
+        return counts
+
+
+@pytest.mark.parametrize("D", [8, 40, 59, 80, 96, 64])
+def test_autograd_pads_once_bitwise_as_padding_per_launch(monkeypatch: pytest.MonkeyPatch, D: int) -> None:
+    """fp32, GQA 2:1, ragged groups with an empty and a single-token one, padding tokens: out, dq, dk, dv of the
+    backend equal (bitwise) those of the launchers called on the unpadded tensors, and one call pads q, k, v, dout
+    once each and slices out, dq, dk, dv once each (copies nothing at a tile width, D = 64)."""
+    T = 70
+    layout = _ragged_layout(T, [40, 0, 1, 12])
+    q = torch.randn(T, 2, D, device=DEVICE)
+    k, v = (torch.randn(T, 1, D, device=DEVICE) for _ in range(2))
+    dout = torch.randn(layout.q_index.numel(), 2, D, device=DEVICE)
+    scale = D**-0.5
+    with _alloc.poisoned_outputs():
+        ref_out, ref_lse = segment_attention_fwd(q, k, v, layout, scale)  # the launchers pad (and slice) themselves
+        ref_grads = segment_attention_bwd(dout, q, k, v, ref_out, ref_lse, layout, scale)
+        counter = _CopyCounter(monkeypatch)
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = triton_backend.segment_attention(qg, kg, vg, layout, scale)
+        fwd_copies = counter.take()
+        grads = torch.autograd.grad(out, (qg, kg, vg), dout)
+        bwd_copies = counter.take()
+    padded = D != 64
+    assert fwd_copies == ((3, 1) if padded else (0, 0)), fwd_copies  # pads q, k, v; slices out
+    assert bwd_copies == ((1, 3) if padded else (0, 0)), bwd_copies  # pads dout; slices dq, dk, dv
+    assert out.shape == ref_out.shape and out.is_contiguous() and torch.equal(out, ref_out)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert g.shape == r.shape and g.is_contiguous() and torch.equal(g, r), name
+
+
+def _padding_per_launch_backend() -> types.SimpleNamespace:
+    """The triton backend as it was before padding moved into the wrapper: the launchers pad every call."""
+
+    def segment_attention(q, k, v, layout, scale):
+        return autograd_wrapper.segment_attention_autograd(
+            q, k, v, layout, scale, segment_attention_fwd, segment_attention_bwd
+        )
+
+    return types.SimpleNamespace(segment_attention=segment_attention)
+
+
+@pytest.mark.parametrize("D", [40, 59])
+def test_moga_attention_router_grads_bitwise_as_padding_per_launch(monkeypatch: pytest.MonkeyPatch, D: int) -> None:
+    """moga_attention (top-2, padding tokens) through the triton backend: output and the gradients of q, k, v and
+    the router logits equal (bitwise) those with the launchers padding inside every call."""
+    B, N, M = 1, 48, 4
+    q, k, v = (torch.randn(B, N, 2, D, device=DEVICE) for _ in range(3))
+    logits = torch.randn(B, N, M, device=DEVICE)
+    valid = torch.rand(B, N, device=DEVICE) > 0.1
+    dout = torch.randn(B, N, 2, D, device=DEVICE)
+
+    def run() -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, logits)]
+        out = moga_attention(*leaves[:3], leaves[3], top_k=2, backend="triton", valid=valid)
+        return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+
+    new = run()
+    with monkeypatch.context() as m:
+        m.setattr(moga.functional, "select_backend", lambda *args: _padding_per_launch_backend())
+        old = run()
+    for name, a, b in zip(("out", "dq", "dk", "dv", "d_logits"), new, old, strict=True):
+        assert torch.equal(a, b), name
+    assert new[4].abs().sum() > 0  # the router does learn through the gate
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Triton backend: the fused segment-attention kernels of :mod:`moga.kernels.segment_attention`.
 
 Runs CUDA tensors on the GPU (on the inputs' device, whichever is current), or CPU tensors through the Triton
-interpreter (TRITON_INTERPRET=1, for tests). Head dims: any D from 1 to 256 (tiles padded to the next of 32, 64,
-128, 256 with the extra columns masked; softmax scale from the real D). Dtypes: float16, bfloat16, float32.
+interpreter (TRITON_INTERPRET=1, for tests). Head dims: any D from 1 to 256 (zero-padded to the next of 32, 64,
+128, 256 once per call by the autograd wrapper; softmax scale from the real D). Dtypes: float16, bfloat16, float32.
 Neither the forward nor the backward synchronises with the host, and neither uses floating-point atomics:
 results are bitwise reproducible (deterministic mode needs nothing extra).
 """
@@ -56,6 +56,10 @@ def segment_attention(
 ) -> torch.Tensor:
     """q (T, Hq, D), k/v (T, Hkv, D) -> (Lq, Hq, D) in segment order; rows outside segments are zero."""
     from moga.kernels.segment_attention import segment_attention_bwd, segment_attention_fwd
+    from moga.kernels.segment_attention.configs import padded_head_dim
 
     layout = check_segment_inputs("triton", q, k, v, layout, unsupported_reason(q, k, v))
-    return segment_attention_autograd(q, k, v, layout, softmax_scale, segment_attention_fwd, segment_attention_bwd)
+    # q, k, v padded to the tile width once per call (not again in backward), out and the gradients sliced once.
+    return segment_attention_autograd(
+        q, k, v, layout, softmax_scale, segment_attention_fwd, segment_attention_bwd, padded_head_dim(q.shape[-1])
+    )
