@@ -6,10 +6,17 @@ import pytest
 import torch
 
 import moga
-from moga._alloc import poisoned_outputs
 from moga.cluster import select_cluster_pairs
 from moga.reference import cluster_attention_ref, cluster_pairs_ref
-from tests.utils import TOL, as_double_leaves, cpu_backends, dense_sdpa, rel_err
+from tests.utils import (
+    as_double_leaves,
+    assert_bf16_fwd_bwd_within_twice,
+    bf16_masked_attention,
+    check_fwd_bwd_against_float64,
+    cpu_backends,
+    dense_sdpa,
+    rel_err,
+)
 
 BACKENDS = cpu_backends()
 
@@ -25,26 +32,17 @@ def _clustered(B, N, Hq, Hkv, D, Mq, Mk, dtype=torch.float32, spread=2.0):
 
 def _check_fwd_bwd(backend, q, k, v, ql, kl, tol=None, **kwargs):
     """Forward and dq/dk/dv against the float64 reference, with poisoned kernel outputs."""
-    tol = tol or TOL[q.dtype]
     top_p, min_clusters = kwargs.get("top_p", 0.9), kwargs.get("min_clusters", 1)
-    q64, k64, v64 = as_double_leaves(q, k, v)
-    ref = cluster_attention_ref(q64, k64, v64, ql, kl, top_p, min_clusters, kwargs.get("softmax_scale"))
-    dout = torch.randn_like(ref)
-    ref.backward(dout)
-    with poisoned_outputs():
-        out = moga.cluster_attention(q, k, v, ql, kl, backend=backend, **kwargs)
-        out.backward(dout.to(out.dtype))
-    assert out.shape == q.shape and out.dtype == q.dtype
-    for name, got, want in (
-        ("out", out, ref),
-        ("dq", q.grad, q64.grad),
-        ("dk", k.grad, k64.grad),
-        ("dv", v.grad, v64.grad),
-    ):
-        assert torch.isfinite(got).all(), f"{name} has non-finite entries (unwritten poison?)"
-        err = rel_err(got, want)
-        assert err < tol, f"{name}: rel err {err:.2e} >= {tol:.0e}"
-    return out
+    return check_fwd_bwd_against_float64(
+        lambda q, k, v: moga.cluster_attention(q, k, v, ql, kl, backend=backend, **kwargs),
+        lambda q64, k64, v64: cluster_attention_ref(
+            q64, k64, v64, ql, kl, top_p, min_clusters, kwargs.get("softmax_scale")
+        ),
+        q,
+        k,
+        v,
+        tol,
+    )
 
 
 @pytest.mark.parametrize("top_p", [0.2, 0.5, 0.8, 0.95, 1.0])
@@ -157,34 +155,20 @@ def test_bad_input(kwargs, err):
         moga.cluster_attention(q, k, v, ql, kl, **args)
 
 
-def _bf16_naive(q, k, v, mask):
-    """Masked attention computed in bfloat16 arithmetic: the 'bf16 PyTorch implementation' baseline."""
-    g = q.shape[2] // k.shape[2]
-    qt, kt, vt = q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2), v.repeat_interleave(g, 2).transpose(1, 2)
-    s = (qt @ kt.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    p = torch.softmax(s.masked_fill(~mask[:, None], float("-inf")), -1)
-    return (p @ vt).transpose(1, 2)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_within_twice_torch_bf16_error(backend):
     """Output and dq/dk/dv errors vs float64 at most twice those of the same masked attention computed in bf16."""
     (q, k, v), ql, kl = _clustered(1, 80, 2, 2, 64, 3, 4, dtype=torch.bfloat16)
-    q64, k64, v64 = as_double_leaves(q, k, v)
-    ref = cluster_attention_ref(q64, k64, v64, ql, kl, 0.8)
-    chosen = cluster_pairs_ref(q64.detach(), k64.detach(), ql, kl, 0.8)
+    chosen = cluster_pairs_ref(q.detach().double(), k.detach().double(), ql, kl, 0.8)
     mask = chosen[0][ql[0][:, None], kl[0][None, :]].unsqueeze(0)
-    dout = torch.randn_like(ref)
-    base = _bf16_naive(q, k, v, mask)
-    with poisoned_outputs():
-        out = moga.cluster_attention(q, k, v, ql, kl, top_p=0.8, backend=backend)
-    assert out.dtype == torch.bfloat16
-    got = [out, *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))]
-    baseline = [base, *torch.autograd.grad(base, (q, k, v), dout.to(base.dtype))]
-    want = [ref, *torch.autograd.grad(ref, (q64, k64, v64), dout)]
-    for name, g, b, w in zip(("out", "dq", "dk", "dv"), got, baseline, want, strict=True):
-        assert torch.isfinite(g).all(), name
-        assert rel_err(g, w) <= 2 * rel_err(b, w), (name, rel_err(g, w), rel_err(b, w))
+    assert_bf16_fwd_bwd_within_twice(
+        lambda q, k, v: moga.cluster_attention(q, k, v, ql, kl, top_p=0.8, backend=backend),
+        lambda q, k, v: bf16_masked_attention(q, k, v, mask[:, None]),
+        lambda q64, k64, v64: cluster_attention_ref(q64, k64, v64, ql, kl, 0.8),
+        q,
+        k,
+        v,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,28 +8,29 @@ import torch
 import moga
 from moga._alloc import poisoned_outputs
 from moga.reference import group_attention_ref
-from tests.utils import TOL, as_double_leaves, cpu_backends, dense_sdpa, qkv, rel_err
+from tests.utils import (
+    assert_bf16_fwd_bwd_within_twice,
+    bf16_masked_attention,
+    check_fwd_bwd_against_float64,
+    cpu_backends,
+    dense_sdpa,
+    qkv,
+    rel_err,
+)
 
 BACKENDS = cpu_backends()
 
 
 def _check_fwd_bwd(backend, q, k, v, group_ids, num_groups=None, tol=None):
     """Forward and dq/dk/dv against the float64 reference, with poisoned kernel outputs."""
-    tol = tol or TOL[q.dtype]
-    q64, k64, v64 = as_double_leaves(q, k, v)
-    ref = group_attention_ref(q64, k64, v64, group_ids)
-    dout = torch.randn_like(ref)
-    ref.backward(dout)
-    with poisoned_outputs():
-        out = moga.group_attention(q, k, v, group_ids, num_groups=num_groups, backend=backend)
-        out.backward(dout.to(out.dtype))
-    assert out.shape == q.shape and out.dtype == q.dtype
-    for name, got, want in (("out", out, ref), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad),
-                            ("dv", v.grad, v64.grad)):
-        assert torch.isfinite(got).all(), f"{name} has non-finite entries (unwritten poison?)"
-        err = rel_err(got, want)
-        assert err < tol, f"{name}: rel err {err:.2e} >= {tol:.0e}"
-    return out
+    return check_fwd_bwd_against_float64(
+        lambda q, k, v: moga.group_attention(q, k, v, group_ids, num_groups=num_groups, backend=backend),
+        lambda q64, k64, v64: group_attention_ref(q64, k64, v64, group_ids),
+        q,
+        k,
+        v,
+        tol,
+    )
 
 
 def _ragged_ids(B, N, G):
@@ -103,34 +104,19 @@ def test_fp16(backend):
     _check_fwd_bwd(backend, q, k, v, _ragged_ids(1, 96, 3))
 
 
-def _bf16_naive(q, k, v, ids):
-    """Masked attention computed in bfloat16 arithmetic: the 'bf16 PyTorch implementation' baseline."""
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v.repeat_interleave(q.shape[2] // v.shape[2], 2)))
-    kt = kt.repeat_interleave(q.shape[2] // k.shape[2], 1)
-    s = (qt @ kt.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    mask = (ids[:, None, :, None] == ids[:, None, None, :])
-    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
-    return (p @ vt).transpose(1, 2)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_within_twice_torch_bf16_error(backend):
     """Output and dq/dk/dv errors vs float64 at most twice those of masked attention computed in bf16."""
     q, k, v = qkv(1, 80, 2, 2, 64, dtype=torch.bfloat16)
     ids = _ragged_ids(1, 80, 3)
-    q64, k64, v64 = as_double_leaves(q, k, v)
-    ref = group_attention_ref(q64, k64, v64, ids)
-    dout = torch.randn_like(ref)
-    base = _bf16_naive(q, k, v, ids)
-    with poisoned_outputs():
-        out = moga.group_attention(q, k, v, ids, backend=backend)
-    assert out.dtype == torch.bfloat16
-    got = [out, *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))]
-    baseline = [base, *torch.autograd.grad(base, (q, k, v), dout.to(base.dtype))]
-    want = [ref, *torch.autograd.grad(ref, (q64, k64, v64), dout)]
-    for name, g, b, w in zip(("out", "dq", "dk", "dv"), got, baseline, want, strict=True):
-        assert torch.isfinite(g).all(), name
-        assert rel_err(g, w) <= 2 * rel_err(b, w), (name, rel_err(g, w), rel_err(b, w))
+    assert_bf16_fwd_bwd_within_twice(
+        lambda q, k, v: moga.group_attention(q, k, v, ids, backend=backend),
+        lambda q, k, v: bf16_masked_attention(q, k, v, ids[:, None, :, None] == ids[:, None, None, :]),
+        lambda q64, k64, v64: group_attention_ref(q64, k64, v64, ids),
+        q,
+        k,
+        v,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import moga
+from moga._alloc import poisoned_outputs
 from moga.backends import get_backend
 from moga.reference import moga_attention_ref
 
@@ -90,6 +91,73 @@ def assert_bf16_within_twice_naive(attention: Callable, q, k, v, layout, scale: 
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     for name, g, b, r in zip(("dq", "dk", "dv"), grads, bf16_grads, ref_grads, strict=True):
         assert rel_err(g, r) <= 2 * rel_err(b, r), (name, rel_err(g, r), rel_err(b, r))
+
+
+def check_fwd_bwd_against_float64(
+    attention: Callable,
+    reference: Callable,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tol: float | None = None,
+) -> torch.Tensor:
+    """Forward and dq/dk/dv of ``attention(q, k, v)`` against ``reference(q64, k64, v64)`` run on float64 copies,
+    with the kernels' outputs poisoned (NaN) first. q: (B, N, Hq, D), k/v: (B, N, Hkv, D) leaves that require grad
+    (their .grad is filled); both callables return (B, N, Hq, D). One random draw: dout, ``torch.randn_like`` of the
+    reference output. Every output and gradient must be finite and within ``tol`` (default ``TOL[q.dtype]``) relative
+    error. Returns the output."""
+    tol = tol or TOL[q.dtype]
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref = reference(q64, k64, v64)
+    dout = torch.randn_like(ref)
+    ref.backward(dout)
+    with poisoned_outputs():
+        out = attention(q, k, v)
+        out.backward(dout.to(out.dtype))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    for name, got, want in (
+        ("out", out, ref),
+        ("dq", q.grad, q64.grad),
+        ("dk", k.grad, k64.grad),
+        ("dv", v.grad, v64.grad),
+    ):
+        assert torch.isfinite(got).all(), f"{name} has non-finite entries (unwritten poison?)"
+        err = rel_err(got, want)
+        assert err < tol, f"{name}: rel err {err:.2e} >= {tol:.0e}"
+    return out
+
+
+def bf16_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention computed in the inputs' dtype (bfloat16 arithmetic: the 'bf16 PyTorch implementation'
+    baseline). q: (B, N, Hq, D), k/v: (B, N, Hkv, D), mask: bool, broadcastable to (B, Hq, N, N), True = attend.
+    Returns (B, N, Hq, D)."""
+    g = q.shape[2] // k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2), v.repeat_interleave(g, 2).transpose(1, 2)
+    s = (qt @ kt.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    return (p @ vt).transpose(1, 2)
+
+
+def assert_bf16_fwd_bwd_within_twice(
+    attention: Callable, baseline: Callable, reference: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """bf16 standard for (B, N, H, D) attention: the output and dq/dk/dv of ``attention(q, k, v)`` (run with
+    poisoned outputs, bf16 leaves q/k/v) are finite and within twice the float64 error of ``baseline(q, k, v)`` (the
+    same attention computed in bf16), both measured against ``reference(q64, k64, v64)`` on float64 copies. Order
+    of calls: reference, one random draw (dout, ``torch.randn_like`` of the reference output), baseline, attention."""
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref = reference(q64, k64, v64)
+    dout = torch.randn_like(ref)
+    base = baseline(q, k, v)
+    with poisoned_outputs():
+        out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    got = [out, *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))]
+    base_all = [base, *torch.autograd.grad(base, (q, k, v), dout.to(base.dtype))]
+    want = [ref, *torch.autograd.grad(ref, (q64, k64, v64), dout)]
+    for name, g, b, w in zip(("out", "dq", "dk", "dv"), got, base_all, want, strict=True):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, w) <= 2 * rel_err(b, w), (name, rel_err(g, w), rel_err(b, w))
 
 
 def free_port() -> int:
