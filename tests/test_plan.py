@@ -14,6 +14,7 @@ from moga.plan import (
     PAPER_FULL_PFLOPS,
     PAPER_MOGA_PFLOPS,
     PRESET_MOGA,
+    PRESETS,
     ModelConfig,
     MoGASettings,
     format_plan,
@@ -28,8 +29,8 @@ from moga.window import window_mask_ref
 
 def test_paper_video_to_tokens() -> None:
     # 30 s at 16 fps -> 477 frames -> 120 latent frames x 30 x 52 = 187,200 tokens (the paper's figures)
-    # the largest 4k+1 not above seconds x fps; a clip of exactly 4k+1 frames (Wan's 81, the MMDiT's 1,441) is
-    # given with frames=
+    # the largest 4k+1 not above seconds x fps; a clip of exactly 4k+1 frames (Wan's 81) is given with frames=, the
+    # MMDiT preset's 60 s at 24 fps is the paper's 1,441 (= 60 x 24 + 1, not frames_for's 1,437)
     assert frames_for(30, 16) == 477 and frames_for(5, 16) == 77 and frames_for(0.1, 16) == 1
     assert latent_grid(477, 832, 480) == (120, 30, 52)
     assert latent_grid(1441, 832, 480)[0] == 361  # the MMDiT's 60 s at 24 fps
@@ -149,3 +150,75 @@ def test_plan_is_exported_and_the_cli_prints_it(tmp_path: Path, capsys) -> None:
     assert "N = 16 tokens" in capsys.readouterr().out  # 1 s x 8 fps -> 5 frames -> 2 latent frames of 2 x 4
     with pytest.raises(SystemExit, match="needs --layers"):
         main(["plan", "--model", "custom"])
+
+
+# The CLI is a thin wrapper over plan(): same defaults, same frame rule (the preset's own frame count only when the
+# video asked for is the preset's; else frames_for), same refusals.
+
+
+def _cli(argv: list[str], tmp_path: Path, capsys) -> tuple[str, dict, Path]:
+    from moga.cli import main
+
+    path = tmp_path / "plan.json"
+    assert main(["plan", *argv, "--json", str(path)]) == 0
+    return capsys.readouterr().out, json.loads(path.read_text()), path
+
+
+def _as_json(p) -> dict:
+    return json.loads(json.dumps(p.as_dict()))  # tuples -> lists, as the CLI's file has them
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_cli_equals_plan_for_each_preset(preset: str, tmp_path: Path, capsys) -> None:
+    out, doc, path = _cli(["--model", preset], tmp_path, capsys)
+    p = plan(preset)
+    assert doc == _as_json(p)
+    assert out == f"{format_plan(p)}\nwrote {path}\n"
+
+
+@pytest.mark.parametrize(
+    ("preset", "video", "kwargs", "frames"),
+    [
+        ("mmdit", [], {}, 1441),  # the paper's 1,441 frames
+        ("mmdit", ["--seconds", "60", "--fps", "24"], {"seconds": 60, "fps": 24}, 1441),  # the preset's, spelled out
+        ("mmdit", ["--fps", "24"], {"fps": 24}, 1441),
+        ("mmdit", ["--seconds", "30"], {"seconds": 30}, 717),  # 720 -> 717
+        ("mmdit", ["--fps", "16"], {"fps": 16}, 957),  # 60 x 16 = 960 -> 957
+        ("wan2.1-14b", ["--seconds", "5", "--fps", "16"], {"seconds": 5, "fps": 16}, 77),
+        ("mmdit", ["--frames", "81"], {"frames": 81}, 81),
+        ("wan2.1-1.3b", ["--frames", "81", "--seconds", "60"], {"frames": 81, "seconds": 60}, 81),  # frames wins
+    ],
+)
+def test_cli_equals_plan_for_a_video(preset, video, kwargs, frames: int, tmp_path: Path, capsys) -> None:
+    _, doc, _ = _cli(["--model", preset, *video], tmp_path, capsys)
+    p = plan(preset, **kwargs)
+    assert p.frames == frames and doc == _as_json(p)
+    # a preset with changed dims keeps the preset's video and MoGA defaults, in the CLI and in plan()
+    _, changed, _ = _cli(["--model", preset, "--layers", "20", *video], tmp_path, capsys)
+    cfg = replace(PRESETS[preset], name=changed["model"]["name"], layers=20)
+    assert changed["frames"] == frames and changed["moga"] == doc["moga"]
+    assert changed == _as_json(plan(cfg, **kwargs))
+
+
+@pytest.mark.parametrize(
+    ("video", "kwargs", "match"),
+    [
+        (["--frames", "80"], {"frames": 80}, r"frames must be 4k\+1"),
+        (["--frames", "-3"], {"frames": -3}, r"frames must be 4k\+1"),
+        (["--seconds", "-1"], {"seconds": -1}, "seconds must be a positive number"),
+        (["--seconds", "0"], {"seconds": 0}, "seconds must be a positive number"),  # not "the preset's 30 s"
+        (["--seconds", "-30", "--fps", "-16"], {"seconds": -30, "fps": -16}, "seconds must be a positive number"),
+        (["--fps", "nan"], {"fps": float("nan")}, "fps must be a positive number"),
+        (["--frames", "81", "--fps", "-1"], {"frames": 81, "fps": -1}, "fps must be a positive number"),
+    ],
+)
+def test_cli_and_plan_refuse_a_bad_video(video, kwargs, match: str) -> None:
+    from moga.cli import main
+
+    for model in ("mmdit", "wan2.1-1.3b"):
+        with pytest.raises(SystemExit, match=f"moga plan: {match}"):
+            main(["plan", "--model", model, *video])
+        with pytest.raises(SystemExit, match=f"moga plan: {match}"):
+            main(["plan", "--model", model, "--layers", "20", *video])
+        with pytest.raises(ValueError, match=match):
+            plan(model, **kwargs)

@@ -8,8 +8,12 @@ TFLOP/s measured there. ``moga plan --help`` lists the options; :func:`paper_che
 
 How the figures are computed (every assumption where the paper is silent is marked *assumed*):
 
-* Video to tokens. Frames: ``--frames`` or, from seconds x fps, the largest 4k+1 not above it (Wan's rule: 30 s at
-  16 fps = 480 -> 477 frames, the paper's figure). Latent frames T = (frames - 1) // 4 + 1 (VAE stride 4 in time,
+* Video to tokens. Frames (:func:`video_frames`, the one rule ``plan`` and ``moga plan`` share): ``--frames`` if
+  given; else the preset's own frame count if the preset has one and the video asked for is the preset's video
+  (seconds and fps, given or defaulted, equal the preset's: the MMDiT's 60 s at 24 fps is the paper's 1,441 frames
+  = 60 x 24 + 1); else, from seconds x fps, the largest 4k+1 not above it (:func:`frames_for`, Wan's rule: 30 s at
+  16 fps = 480 -> 477 frames, the paper's figure; the MMDiT at 30 s -> 717). Passing a preset's own seconds or fps
+  explicitly therefore never changes the result. Latent frames T = (frames - 1) // 4 + 1 (VAE stride 4 in time,
   first frame alone), latent H x W = height / 8 x width / 8, patch 1 x 2 x 2: tokens per frame
   (height / 16) x (width / 16). 480p = 832 x 480 -> 30 x 52 = 1,560 per frame; 477 frames -> 120 x 1,560 = 187,200.
 * FLOPs are forward FLOPs, 2 per multiply-add, batch 1, one denoising step (one model call; classifier-free
@@ -60,7 +64,11 @@ PAPER_MOGA_PFLOPS = {5: 2.26, 10: 1.56, 20: 1.22}
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A video DiT's dims. ``text_mode``: ``"cross"`` (text in cross-attention, Wan) or ``"none"``."""
+    """A video DiT's dims. ``text_mode``: ``"cross"`` (text in cross-attention, Wan) or ``"none"``.
+
+    ``preset``: the key in :data:`PRESETS` whose video and MoGA defaults :func:`plan` uses for this model (kept by
+    ``dataclasses.replace``, so a preset with changed dims keeps them); None: 5 s at 16 fps and ``MoGASettings()``.
+    """
 
     name: str
     layers: int
@@ -71,6 +79,7 @@ class ModelConfig:
     text_tokens: int = 512
     text_mode: str = "cross"
     latent_channels: int = 16
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         for f in ("layers", "hidden", "heads", "head_dim", "ffn", "latent_channels"):
@@ -100,20 +109,21 @@ class MoGASettings:
 # Wan 2.1's published configs (hidden, FFN, heads, layers; 512 text tokens). The MMDiT is the paper's own model,
 # whose dims are not published: the preset ASSUMES Wan 14B's dims and gives only the paper's MoGA settings.
 PRESETS = {
-    "wan2.1-1.3b": ModelConfig("Wan 2.1 1.3B", layers=30, hidden=1536, heads=12, head_dim=128, ffn=8960),
-    "wan2.1-14b": ModelConfig("Wan 2.1 14B", layers=40, hidden=5120, heads=40, head_dim=128, ffn=13824),
-    "mmdit": ModelConfig("paper's MMDiT (dims assumed = Wan 2.1 14B)", 40, 5120, 40, 128, 13824),
+    "wan2.1-1.3b": ModelConfig("Wan 2.1 1.3B", 30, 1536, 12, 128, 8960, preset="wan2.1-1.3b"),
+    "wan2.1-14b": ModelConfig("Wan 2.1 14B", 40, 5120, 40, 128, 13824, preset="wan2.1-14b"),
+    "mmdit": ModelConfig("paper's MMDiT (dims assumed = Wan 2.1 14B)", 40, 5120, 40, 128, 13824, preset="mmdit"),
 }
 PRESET_MOGA = {
     "wan2.1-1.3b": MoGASettings(num_groups=5, window_frames=40, rows=2, cols=2),
     "wan2.1-14b": MoGASettings(num_groups=5, window_frames=40, rows=2, cols=2),
     "mmdit": MoGASettings(num_groups=20, window_frames=60, rows=4, cols=4),
 }
-PRESET_VIDEO = {  # (seconds, fps, frames or None)
+PRESET_VIDEO = {  # (seconds, fps, frames of exactly that video or None: frames_for(seconds, fps)); see video_frames
     "wan2.1-1.3b": (30.0, 16.0, None),
     "wan2.1-14b": (30.0, 16.0, None),
-    "mmdit": (60.0, 24.0, 1441),  # the paper's 1,441 frames = 60 x 24 + 1
+    "mmdit": (60.0, 24.0, 1441),  # the paper's 1,441 frames = 60 x 24 + 1 (frames_for(60, 24) would give 1,437)
 }
+DEFAULT_VIDEO = (5.0, 16.0, None)  # a model that is no preset
 
 
 @dataclass
@@ -155,12 +165,60 @@ class Plan:
         return d
 
 
+def _check_positive(name: str, value: float) -> None:
+    try:
+        ok = math.isfinite(value) and value > 0
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
 def frames_for(seconds: float, fps: float) -> int:
     """The largest 4k+1 frame count not above seconds x fps (Wan's VAE takes 4k+1 frames)."""
+    _check_positive("seconds", seconds)
+    _check_positive("fps", fps)
     raw = math.floor(seconds * fps + 1e-9)
     if raw < 1:
         raise ValueError(f"a video of {seconds} s at {fps} fps has no frame")
     return (raw - 1) // 4 * 4 + 1
+
+
+def video_frames(
+    preset: str | None, seconds: float | None = None, fps: float | None = None, frames: int | None = None
+) -> int:
+    """The frame count of the video :func:`plan` counts; the one place the rule lives (see the module docstring).
+
+    ``frames`` if given (4k+1, checked by :func:`latent_grid`); else the preset's own frame count when the preset has
+    one and ``seconds`` and ``fps`` (None: the preset's) both equal the preset's; else :func:`frames_for`. Defaults of
+    a model that is no preset (``preset`` None): 5 s at 16 fps. ``seconds`` and ``fps``, when given, must be > 0
+    even next to ``frames``.
+    """
+    if preset is not None and preset not in PRESET_VIDEO:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESET_VIDEO)}")
+    d_seconds, d_fps, d_frames = PRESET_VIDEO[preset] if preset is not None else DEFAULT_VIDEO
+    seconds = d_seconds if seconds is None else seconds
+    fps = d_fps if fps is None else fps
+    _check_positive("seconds", seconds)
+    _check_positive("fps", fps)
+    if frames is not None:
+        return frames
+    if d_frames is not None and (seconds, fps) == (d_seconds, d_fps):
+        return d_frames
+    return frames_for(seconds, fps)
+
+
+def _model_config(model: str | ModelConfig) -> ModelConfig:
+    if isinstance(model, ModelConfig):
+        return model
+    if model not in PRESETS:
+        raise ValueError(f"unknown model {model!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[model]
+
+
+def moga_defaults(model: str | ModelConfig) -> MoGASettings:
+    """The MoGA settings :func:`plan` uses when given none: the preset's paper settings, else ``MoGASettings()``."""
+    return PRESET_MOGA.get(_model_config(model).preset, MoGASettings())
 
 
 def latent_grid(frames: int, width: int, height: int) -> tuple[int, int, int]:
@@ -220,9 +278,12 @@ def plan(
     """Tokens, forward FLOPs and attention memory of one video through ``model`` (a preset name or dims).
 
     Args:
-        model: ``"wan2.1-1.3b"``, ``"wan2.1-14b"``, ``"mmdit"`` or a :class:`ModelConfig`.
-        seconds, fps, frames: the video; ``frames`` (4k+1) wins over seconds x fps. Defaults: the preset's
-            (Wan: 30 s at 16 fps; MMDiT: 1,441 frames at 24 fps), else 5 s at 16 fps.
+        model: ``"wan2.1-1.3b"``, ``"wan2.1-14b"``, ``"mmdit"`` or a :class:`ModelConfig` (its ``preset`` field
+            picks the video and MoGA defaults, so ``replace(PRESETS["mmdit"], layers=20)`` keeps the MMDiT's).
+        seconds, fps, frames: the video (None: the preset's; a model that is no preset: 5 s at 16 fps). Frames, by
+            :func:`video_frames`: ``frames`` (4k+1) if given; else the preset's own count if seconds and fps equal
+            the preset's (MMDiT: 60 s at 24 fps = the paper's 1,441 frames); else :func:`frames_for` (the largest
+            4k+1 not above seconds x fps; Wan 30 s at 16 fps: 477).
         width, height: pixels (default 480p = 832 x 480; multiples of 16).
         moga: MoGA settings (default: the preset's paper settings, else :class:`MoGASettings`()).
         dtype: of q, k, v and outputs, for the memory figures.
@@ -231,17 +292,9 @@ def plan(
     Returns:
         a :class:`Plan`; ``flops`` keys: linear, router, full_attention, cross_attention, routed, stga, frame.
     """
-    key = model if isinstance(model, str) else None
-    if key is not None:
-        if key not in PRESETS:
-            raise ValueError(f"unknown model {key!r}; presets: {', '.join(PRESETS)}")
-        cfg = PRESETS[key]
-    else:
-        cfg = model
-    d_seconds, d_fps, d_frames = PRESET_VIDEO.get(key, (5.0, 16.0, None))
-    if frames is None:
-        frames = frames_for(seconds or d_seconds, fps or d_fps) if (seconds or fps or not d_frames) else d_frames
-    moga = moga or PRESET_MOGA.get(key, MoGASettings())
+    cfg = _model_config(model)
+    frames = video_frames(cfg.preset, seconds, fps, frames)
+    moga = moga if moga is not None else moga_defaults(cfg)
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
     if moga.num_groups < 1:
@@ -416,9 +469,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("--text-tokens", "cross-attention text tokens (0: none)"),
     ):
         p.add_argument(name, type=int, help=f"{help_} (overrides the preset)")
-    p.add_argument("--seconds", type=float, help="video length (default: the preset's)")
-    p.add_argument("--fps", type=float, help="frames per second (default: the preset's)")
-    p.add_argument("--frames", type=int, help="exact frame count (4k+1), instead of seconds x fps")
+    p.add_argument("--seconds", type=float, help="video length (default: the preset's; custom: 5)")
+    p.add_argument("--fps", type=float, help="frames per second (default: the preset's; custom: 16)")
+    p.add_argument(
+        "--frames",
+        type=int,
+        help="exact frame count (4k+1). Without it: the preset's own count when seconds and fps are the preset's "
+        "(mmdit: 60 s at 24 fps = the paper's 1441), else the largest 4k+1 not above seconds x fps",
+    )
     p.add_argument("--resolution", default="832x480", metavar="WxH", help="pixels (default 480p: 832x480)")
     p.add_argument("--m", type=int, help="routed groups M (default: the preset's)")
     p.add_argument("--dist", choices=("balanced", "zipf"), help="group-size distribution (default balanced)")
@@ -443,21 +501,24 @@ def _pair(text: str, name: str) -> tuple[int, int]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``moga plan``: print the plan (and the paper comparison with --paper); returns the exit code."""
+    """``moga plan``: print the plan (and the paper comparison with --paper); returns the exit code.
+
+    A thin wrapper over :func:`plan`: it builds the model (a preset, a preset with changed dims that keeps the
+    preset's defaults through ``ModelConfig.preset``, or custom dims) and the MoGA overrides; every default and the
+    frame rule are :func:`plan`'s.
+    """
     dims = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "head_dim", "ffn", "text_tokens")}
+    given = {k: v for k, v in dims.items() if v is not None}
     key = args.model
     try:
-        if key == "custom" or key not in PRESETS:
-            if key != "custom":
-                raise ValueError(f"unknown model {key!r}; presets: {', '.join(PRESETS)} (or 'custom')")
+        if key == "custom":
             if any(v is None for k, v in dims.items() if k != "text_tokens"):
                 raise ValueError("--model custom needs --layers --hidden --heads --head-dim --ffn")
-            model: str | ModelConfig = ModelConfig("custom", **{k: v for k, v in dims.items() if v is not None})
-            base = MoGASettings()
-        else:
-            given = {k: v for k, v in dims.items() if v is not None}
+            model: str | ModelConfig = ModelConfig("custom", **given)
+        elif key in PRESETS:
             model = replace(PRESETS[key], name=f"{PRESETS[key].name} (modified)", **given) if given else key
-            base = PRESET_MOGA[key]
+        else:
+            raise ValueError(f"unknown model {key!r}; presets: {', '.join(PRESETS)} (or 'custom')")
         overrides: dict = {}
         if args.m is not None:
             overrides["num_groups"] = args.m
@@ -474,12 +535,6 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.context_frames is not None:
             overrides["context_frames"] = args.context_frames
         width, height = _pair(args.resolution, "--resolution")
-        if isinstance(model, ModelConfig) and key in PRESETS:
-            # a modified preset keeps the preset's video and MoGA defaults
-            s, f, fr = PRESET_VIDEO[key]
-            args.seconds, args.fps = args.seconds or s, args.fps or f
-            if args.frames is None and fr and not (args.seconds != s or args.fps != f):
-                args.frames = fr
         result = plan(
             model,
             seconds=args.seconds,
@@ -487,7 +542,7 @@ def run_cli(args: argparse.Namespace) -> int:
             frames=args.frames,
             width=width,
             height=height,
-            moga=replace(base, **overrides),
+            moga=replace(moga_defaults(model), **overrides) if overrides else None,
             dtype=args.dtype,
             bench_json=args.bench_json,
             bench_method=args.bench_method,
