@@ -10,7 +10,7 @@ from moga.integrations._block_causal import block_causal_layer_attention
 from moga.reference import masked_attention_ref, topk_membership_ref
 from moga.window import window_mask_ref
 from tests._gpu_backends import gpu_backends
-from tests.utils import TOL, rel_err
+from tests.utils import TOL, assert_weighted_grads_match, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -52,11 +52,7 @@ def test_block_causal_branches_match_dense_reference_with_gradients(backend, dev
     ).cpu()  # fmt: skip
     want = block_causal_ref(q, k, v, logits, top_k, (3, 1, 2), [3], 1)
     assert rel_err(got, want) < 1e-5
-    w = torch.randn_like(want)
-    grads = torch.autograd.grad((got.double() * w).sum(), (q, k, v, logits))
-    refs = torch.autograd.grad((want * w).sum(), (q, k, v, logits))
-    for name, g, r in zip("q k v logits".split(), grads, refs, strict=True):
-        assert rel_err(g, r) < 1e-5, name
+    assert_weighted_grads_match(got, want, (q, k, v, logits), "q k v logits".split())
 
 
 def test_frames_must_fill_whole_blocks():

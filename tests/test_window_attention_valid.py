@@ -10,7 +10,7 @@ import torch
 from moga.reference import masked_attention_ref
 from moga.window import window_attention, window_mask_ref
 from tests._gpu_backends import gpu_backends
-from tests.utils import rel_err
+from tests.utils import assert_weighted_grads_match, rel_err
 
 GRID, H, D = (4, 3, 5), 2, 32  # N = 60, not a multiple of any block
 N = 60
@@ -40,12 +40,7 @@ def test_valid_matches_reference_with_gradients(backend, device):
     want = masked_attention_ref(q, k, v, mask)
     assert rel_err(got, want) < 1e-5
     assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
-    w = torch.randn_like(want)
-    grads = torch.autograd.grad((got.double() * w).sum(), (q, k, v))
-    refs = torch.autograd.grad((want * w).sum(), (q, k, v))
-    for name, g, r in zip("qkv", grads, refs, strict=True):
-        assert rel_err(g, r) < 1e-5, name
-        assert torch.equal(g[~valid], torch.zeros_like(g[~valid])), name
+    assert_weighted_grads_match(got, want, (q, k, v), list("qkv"), valid)
 
 
 def test_all_valid_equals_no_mask_and_bad_valid_raises():

@@ -160,6 +160,27 @@ def assert_bf16_fwd_bwd_within_twice(
         assert rel_err(g, w) <= 2 * rel_err(b, w), (name, rel_err(g, w), rel_err(b, w))
 
 
+def assert_weighted_grads_match(
+    got: torch.Tensor,
+    want: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
+    names: list[str],
+    valid: torch.Tensor | None = None,
+    tol: float = 1e-5,
+) -> None:
+    """Gradients of a weighted sum: with one random draw ``w = torch.randn_like(want)``, the gradients of
+    ``(got.double() * w).sum()`` and of ``(want * w).sum()`` (``want``: the float64 reference output, built from the
+    same leaves) with respect to ``inputs`` are within ``tol`` relative error, one per name of ``names``; where
+    ``valid`` ((B, N) bool) is given, each gradient is exactly zero at the padded tokens (``~valid``)."""
+    w = torch.randn_like(want)
+    grads = torch.autograd.grad((got.double() * w).sum(), inputs)
+    refs = torch.autograd.grad((want * w).sum(), inputs)
+    for name, g, r in zip(names, grads, refs, strict=True):
+        assert rel_err(g, r) < tol, name
+        if valid is not None:
+            assert torch.equal(g[~valid], torch.zeros_like(g[~valid])), name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
