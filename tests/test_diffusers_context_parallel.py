@@ -9,15 +9,17 @@ the ranks must equal the reference's (routers and a pretrained projection alike)
 
 from __future__ import annotations
 
-import logging
-import os
-import pickle
-
 import pytest
 import torch
-import torch.distributed as dist
 
-from tests.utils import TOL, free_port, rel_err, spawn_ranks
+from tests._context_parallel import (
+    all_reduce_grads,
+    assert_balance_and_fractions_match,
+    assert_output_matches,
+    gloo_records,
+    moga_record,
+)
+from tests.utils import rel_err
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("diffusers.models._modeling_parallel")
@@ -55,59 +57,33 @@ WATCHED = ("blocks.0.attn1.router.proj.weight", "blocks.1.attn1.router.proj.weig
 
 
 def _run(model, inputs, weights) -> dict:
-    from moga.integrations.diffusers import moga_balance_loss, moga_processors
+    from moga.integrations.diffusers import moga_balance_loss
 
     model.zero_grad(set_to_none=True)
     out = model(**inputs)[0]
     loss = (out * weights).sum() + 0.1 * moga_balance_loss(model)
     loss.backward()
     params = dict(model.named_parameters())
-    return {
-        "out": out.detach(),
-        "balance": [p.last_balance_loss.detach() for p in moga_processors(model)],
-        "fraction": [p.last_group_fraction for p in moga_processors(model)],
-        "grads": {name: params[name].grad.detach().clone() for name in WATCHED},
-    }
+    return moga_record(model, out, {name: params[name].grad.detach().clone() for name in WATCHED})
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        # Two shims for running diffusers' context parallelism on a machine without an accelerator: its mesh setup
-        # takes `rank % torch.accelerator.device_count()` (0 on a CPU-only machine), and its input splitter calls
-        # `logger.warning_once` (missing from the stdlib logger) for the (B,)-shaped Wan 2.1 timestep.
-        torch.accelerator.device_count = lambda: 1
-        if not hasattr(logging.Logger, "warning_once"):
-            logging.Logger.warning_once = logging.Logger.warning
-        from diffusers import ContextParallelConfig
+def _body() -> dict:
+    from diffusers import ContextParallelConfig
 
-        model, inputs, weights = _model_and_inputs()
-        ref = _run(model, inputs, weights)
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
-        got = _run(model, inputs, weights)
-        for g in got["grads"].values():
-            dist.all_reduce(g)  # what a trainer's gradient sync over the CP group does
-        model_first, inputs, weights = _model_and_inputs(ContextParallelConfig(ulysses_degree=WORLD))
-        got_first = _run(model_first, inputs, weights)
-        for g in got_first["grads"].values():
-            dist.all_reduce(g)
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump({"ref": ref, "got": got, "got_parallel_first": got_first}, f)
-    finally:
-        dist.destroy_process_group()
-    # Leave without interpreter teardown: after diffusers' context parallelism on gloo, the process sometimes
-    # aborts at exit ("terminate called without an active exception", SIGABRT), with or without moga imported
-    # (3 of 16 runs of the stock Wan model here). The results are already on disk.
-    os._exit(0)
+    model, inputs, weights = _model_and_inputs()
+    ref = _run(model, inputs, weights)
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    got = _run(model, inputs, weights)
+    all_reduce_grads(got["grads"])
+    model_first, inputs, weights = _model_and_inputs(ContextParallelConfig(ulysses_degree=WORLD))
+    got_first = _run(model_first, inputs, weights)
+    all_reduce_grads(got_first["grads"])
+    return {"ref": ref, "got": got, "got_parallel_first": got_first}
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out_dir = str(tmp_path_factory.mktemp("diffusers_cp"))
-    return spawn_ranks(_worker, WORLD, (free_port(), out_dir), out_dir, SPAWN_TIMEOUT_S)
+    return gloo_records(tmp_path_factory, "diffusers_cp", _body, WORLD, SPAWN_TIMEOUT_S)
 
 
 ORDERS = ["got", "got_parallel_first"]  # enable_parallelism after apply_moga, and before it
@@ -116,17 +92,13 @@ ORDERS = ["got", "got_parallel_first"]  # enable_parallelism after apply_moga, a
 @pytest.mark.parametrize("order", ORDERS)
 def test_output_matches_single_process(records, order: str) -> None:
     for rec in records:
-        assert rec[order]["out"].shape == rec["ref"]["out"].shape
-        assert rel_err(rec[order]["out"], rec["ref"]["out"].double()) < TOL[torch.float32]
+        assert_output_matches(rec[order], rec["ref"])
 
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_balance_loss_and_group_fractions_are_the_whole_sequence(records, order: str) -> None:
     for rec in records:
-        for got, ref in zip(rec[order]["balance"], rec["ref"]["balance"], strict=True):
-            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
-        for got, ref in zip(rec[order]["fraction"], rec["ref"]["fraction"], strict=True):
-            assert torch.allclose(got, ref, atol=1e-7)
+        assert_balance_and_fractions_match(rec[order], rec["ref"])
 
 
 @pytest.mark.parametrize("order", ORDERS)

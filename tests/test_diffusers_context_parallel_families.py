@@ -10,15 +10,17 @@ length ("shape '[2, 2, 24, 1, 32]' is invalid for input of size 384"), with or w
 
 from __future__ import annotations
 
-import logging
-import os
-import pickle
-
 import pytest
 import torch
-import torch.distributed as dist
 
-from tests.utils import TOL, free_port, rel_err, spawn_ranks
+from tests._context_parallel import (
+    all_reduce_grads,
+    assert_balance_and_fractions_match,
+    assert_output_matches,
+    gloo_records,
+    moga_record,
+)
+from tests.utils import rel_err
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("diffusers.models._modeling_parallel")
@@ -32,7 +34,7 @@ FORWARD_ONLY = ("LTXVideoTransformer3DModel",)
 def _run(name: str, parallel: bool) -> dict:
     from diffusers import ContextParallelConfig
 
-    from moga.integrations.diffusers import apply_moga, moga_balance_loss, moga_processors
+    from moga.integrations.diffusers import apply_moga, moga_balance_loss
     from tests._diffusers_families import FAMILIES, output
 
     torch.manual_seed(0)
@@ -52,49 +54,25 @@ def _run(name: str, parallel: bool) -> dict:
         ((out * weights).sum() + 0.1 * moga_balance_loss(model)).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     if parallel:
-        for g in grads.values():
-            dist.all_reduce(g)  # what a trainer's gradient sync over the CP group does
-    return {
-        "out": out.detach(),
-        "balance": [p.last_balance_loss.detach() for p in moga_processors(model)],
-        "fraction": [p.last_group_fraction for p in moga_processors(model)],
-        "grads": grads,
-    }
+        all_reduce_grads(grads)
+    return moga_record(model, out, grads)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        # The shims of tests/test_diffusers_context_parallel.py for diffusers' context parallelism without a GPU.
-        torch.accelerator.device_count = lambda: 1
-        if not hasattr(logging.Logger, "warning_once"):
-            logging.Logger.warning_once = logging.Logger.warning
-        result = {name: {"ref": _run(name, False), "got": _run(name, True)} for name in NAMES}
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(result, f)
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # see tests/test_diffusers_context_parallel.py: gloo teardown sometimes aborts at exit
+def _body() -> dict:
+    return {name: {"ref": _run(name, False), "got": _run(name, True)} for name in NAMES}
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out_dir = str(tmp_path_factory.mktemp("diffusers_cp_families"))
-    return spawn_ranks(_worker, WORLD, (free_port(), out_dir), out_dir, SPAWN_TIMEOUT_S)
+    return gloo_records(tmp_path_factory, "diffusers_cp_families", _body, WORLD, SPAWN_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_context_parallel_matches_single_process(records, name: str) -> None:
     for rec in records:
         ref, got = rec[name]["ref"], rec[name]["got"]
-        assert rel_err(got["out"], ref["out"].double()) < TOL[torch.float32]
-        for g, r in zip(got["balance"], ref["balance"], strict=True):
-            assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
-        for g, r in zip(got["fraction"], ref["fraction"], strict=True):
-            assert torch.allclose(g, r, atol=1e-7)
+        assert_output_matches(got, ref)
+        assert_balance_and_fractions_match(got, ref)
         if name in FORWARD_ONLY:
             continue
         assert got["grads"].keys() == ref["grads"].keys()
