@@ -21,9 +21,10 @@ from collections.abc import Sequence
 import torch
 
 from moga._checks import softmax_scale_or_default
-from moga.integrations._core import _branch_mean
+from moga.integrations._core import Routing, _branch_mean, _check_routing
 from moga.layout import RoutedLayout, resegment, segment_of_positions
 from moga.modules import WindowArg
+from moga.router import route_tokens
 from moga.window import Grid, check_grid, normalize_shot_starts, window_layout
 
 
@@ -101,6 +102,7 @@ def block_causal_layer_attention(
     context_frames: int = 0,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    routing: Routing | None = None,
 ) -> torch.Tensor:
     """:func:`moga.modules.moga_layer_attention` with every branch restricted to block-causal keys.
 
@@ -110,6 +112,7 @@ def block_causal_layer_attention(
         grid: (T, H, W), T * H * W == N (required: the blocks are frames).
         top_k, window, frame_attention, shot_starts, context_frames, softmax_scale, backend: as in
             :func:`moga.modules.moga_layer_attention`.
+        routing: ``route_tokens(router_logits, top_k)`` when the caller has it (to reuse it); None: routed here.
 
     Returns: (B, N, Hq, D) in the dtype of q.
     """
@@ -126,8 +129,12 @@ def block_causal_layer_attention(
     static_build = block_causal_window_layout if cached else block_causal_window_layout.__wrapped__
 
     shots = normalize_shot_starts(shot_starts, T)
+    if routing is None:
+        routing = route_tokens(router_logits, top_k)
+    else:
+        _check_routing(routing, router_logits.shape, top_k)
     return _branch_mean(
-        q, k, v, router_logits, lambda layout: restrict_block_causal(layout, block_of_row, num_blocks), top_k=top_k,
+        q, k, v, routing, lambda layout: restrict_block_causal(layout, block_of_row, num_blocks), top_k=top_k,
         grid=(T, H, W), window=window, frame_attention=frame_attention, shots=shots, context_frames=context_frames,
         scale=scale, backend=backend,
         static_layout=lambda grid, win, shots, ctx, device, batch: static_build(

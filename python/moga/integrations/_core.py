@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moga._checks import softmax_scale_or_default
+from moga._checks import check_qkv, softmax_scale_or_default
 from moga.distributed.ulysses import gather_sequence, heads_to_sequence, qkv_to_heads
 from moga.functional import _segment_outputs
 from moga.gate import gated_unpermute
@@ -37,11 +37,15 @@ from moga.layout import (
     segment_of_positions,
     sort_by_segment,
 )
-from moga.modules import ROUTER_KINDS, WindowArg, moga_layer_attention, resolve_window
-from moga.router import group_balance_loss, route_tokens
+from moga.modules import ROUTER_KINDS, WindowArg, resolve_window
+from moga.router import route_tokens
 from moga.window import check_context_frames, check_grid, normalize_shot_starts, window_layout
 
 PAD_QUERY_MODES = ("attend", "zero")
+
+# What route_tokens returns: probs (B, n, M), groups (B, n, K), gates (B, n, K). Computed once per layer call and
+# shared by the routed branch and routing_stats; the processors do not keep it after the call.
+Routing = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -107,8 +111,9 @@ class MoGAProcessorBase:
             return attn.router(video_keys.flatten(2))
         return attn.router(hidden_states)
 
-    def _record_routing(self, logits: torch.Tensor) -> None:
-        self.last_balance_loss, self.last_group_fraction = routing_stats(logits, self.top_k)
+    def _record_routing(self, logits: torch.Tensor, routing: Routing) -> None:
+        """The statistics of ``routing``, the attention path's ``route_tokens(logits, top_k)`` (not routed again)."""
+        self.last_balance_loss, self.last_group_fraction = routing_stats(logits, self.top_k, routing=routing)
 
     def _refuse_context_parallel(self) -> None:
         """For processors without sequence parallelism: fail clearly if diffusers' context parallelism is on."""
@@ -125,7 +130,9 @@ class MoGAProcessorBase:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor, block_causal: bool = False
     ) -> torch.Tensor:
         """Self-attention of video tokens: :func:`moga.modules.moga_layer_attention` with this processor's settings,
-        under diffusers' Ulysses context parallelism when it is on; records the routing statistics.
+        under diffusers' Ulysses context parallelism when it is on; records the routing statistics. The logits are
+        routed once (:func:`routed_layer_attention`): the routed branch and :func:`routing_stats` share the routing,
+        which is dropped when the call returns (nothing is kept across calls).
 
         q, k, v (B, n, H, D) and logits (B, n, M) are this rank's contiguous token shard (n = N without
         parallelism). Under parallelism q, k, v move to head shards (one all-to-all), the logits are gathered, every
@@ -138,31 +145,38 @@ class MoGAProcessorBase:
         """
         if not self.context_parallel or block_causal:
             self._refuse_context_parallel()
+        settings = dict(
+            top_k=self.top_k, window=self.window, frame_attention=self.frame_attention,
+            shot_starts=self.state.shot_starts, context_frames=self.context_frames, backend=self.backend,
+        )  # fmt: skip
         if block_causal:
             # imported here: _block_causal builds on this module's _branch_mean
             from moga.integrations._block_causal import block_causal_layer_attention
 
+            routing = route_tokens(logits, self.top_k)  # once: the routed branch and the statistics share it
             out = block_causal_layer_attention(
                 q, k, v, logits, frames_per_block=self.state.frames_per_block, grid=self.state.grid,
-                top_k=self.top_k, window=self.window, frame_attention=self.frame_attention,
-                shot_starts=self.state.shot_starts, context_frames=self.context_frames, backend=self.backend,
+                routing=routing, **settings,
             )  # fmt: skip
-            self._record_routing(logits)
+            self._record_routing(logits, routing)
             return out
         group = _ulysses_group(self._parallel_config)
-        full_logits = logits
-        if group is not None:  # sequence shards -> head shards: every rank sees all N tokens of its H/P heads
-            q, k, v = qkv_to_heads(q, k, v, group)
-            full_logits = gather_sequence(logits, group)
-        out = moga_layer_attention(
-            q, k, v, full_logits, top_k=self.top_k, grid=self.state.grid, window=self.window,
-            frame_attention=self.frame_attention, shot_starts=self.state.shot_starts,
-            context_frames=self.context_frames, backend=self.backend,
-        )  # fmt: skip
-        if group is not None:
-            out = heads_to_sequence(out, group)
-            logits = _with_local_grad(full_logits, logits, group)
-        self._record_routing(logits)  # ties go to the lower group, as moga_attention routes
+        if group is None:
+            routing = route_tokens(logits, self.top_k)
+            out = routed_layer_attention(q, k, v, routing, grid=self.state.grid, **settings)
+            self._record_routing(logits, routing)  # ties go to the lower group, as moga_attention routes
+            return out
+        # Sequence shards -> head shards: every rank sees all N tokens of its H/P heads and routes all of them.
+        q, k, v = qkv_to_heads(q, k, v, group)
+        full_logits = gather_sequence(logits, group)
+        probs, groups, gates = route_tokens(full_logits, self.top_k)
+        out = routed_layer_attention(q, k, v, (probs, groups, gates), grid=self.state.grid, **settings)
+        out = heads_to_sequence(out, group)
+        # The statistics are the whole sequence's, with gradient to this rank's tokens only, as before: the local
+        # rows' probabilities are this shard's softmax (the same values; (B, N/P, M), no second routing), the
+        # others detached, so the loss's backward needs no collective.
+        local_probs = torch.softmax(logits.to(probs.dtype), dim=-1)
+        self._record_routing(full_logits, (_with_local_grad(probs, local_probs, group), groups, gates))
         return out
 
 
@@ -191,20 +205,88 @@ def _with_local_grad(full: torch.Tensor, local: torch.Tensor, group: Any) -> tor
     return torch.cat([rest[:, : rank * n], local, rest[:, (rank + 1) * n :]], dim=1)
 
 
-def routing_stats(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_stats(
+    logits: torch.Tensor, top_k: int, *, routing: Routing | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The group balance loss (paper form, without alpha) of a routing and the fraction of tokens routed to each
     group (M,) (detached; ties go to the lower group, as :func:`moga.moga_attention` routes).
 
-    Args: logits (B, N, M); top_k: groups per token.
+    Args:
+        logits: (B, N, M) router logits.
+        top_k: groups per token.
+        routing: ``route_tokens(logits, top_k)`` when the caller has it (the attention path's): not routed again.
+            The loss's gradient flows through its probs.
+
+    Returns: the loss, equal to ``moga.group_balance_loss(logits, top_k, form="paper")`` (the same operations on
+    the same probabilities), and the fraction (M,) float32.
     """
-    loss = group_balance_loss(logits, top_k, form="paper")
+    if routing is None:
+        routing = route_tokens(logits, top_k)
+    else:
+        _check_routing(routing, logits.shape, top_k)
+    probs, groups, _ = routing
+    M = logits.shape[-1]
+    n = max(logits.shape[0] * logits.shape[1], 1)
+    # group_balance_loss(form="paper") on the shared routing, as it computes it: L = M * sum_i F_i * P_i
+    probs, token_groups = probs.reshape(-1, M), groups.reshape(-1, groups.shape[-1])
+    assigned = torch.zeros_like(probs).scatter_(-1, token_groups, 1.0)  # (B * N, M), 1 where i in g(x)
+    fraction_i, prob_mass = assigned.sum(0) / n, (probs * assigned).sum(0) / n
+    loss = M * (fraction_i * prob_mass).sum()
     with torch.no_grad():
-        groups = route_tokens(logits, top_k)[1].reshape(-1)
-        counts = torch.zeros(logits.shape[-1], device=logits.device).index_add_(
-            0, groups, torch.ones_like(groups, dtype=torch.float32)
-        )
-        fraction = counts / max(logits.shape[0] * logits.shape[1], 1)
+        flat = groups.reshape(-1)
+        counts = torch.zeros(M, device=logits.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+        fraction = counts / n
     return loss, fraction
+
+
+def _check_routing(routing: Routing, logits_shape: Sequence[int], top_k: int) -> None:
+    """A caller's ``routing`` must have the shapes of ``route_tokens(logits, top_k)`` for logits of ``logits_shape``
+    (host checks only)."""
+    probs, groups, gates = routing
+    want = (*logits_shape[:-1], top_k)
+    if tuple(probs.shape) != tuple(logits_shape) or groups.shape != want or gates.shape != want:
+        raise ValueError(
+            f"routing must be route_tokens(logits, {top_k}) for logits {tuple(logits_shape)}: got probs "
+            f"{tuple(probs.shape)}, groups {tuple(groups.shape)}, gates {tuple(gates.shape)}"
+        )
+
+
+def routed_layer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    routing: Routing,
+    *,
+    top_k: int,
+    grid: Sequence[int] | None = None,
+    window: WindowArg = None,
+    frame_attention: bool = False,
+    shot_starts: Sequence[int] | None = None,
+    context_frames: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`moga.modules.moga_layer_attention` (no sequence parallelism, no padding, default softmax scale) on a
+    routing the caller computed (``route_tokens(router_logits, top_k)``), so that it can reuse it; the same
+    numbers.
+
+    Args: q (B, N, Hq, D); k, v (B, N, Hkv, D); routing: probs (B, N, M), groups and gates (B, N, top_k); the
+        rest as in :func:`moga.modules.moga_layer_attention`. Returns: (B, N, Hq, D) in the dtype of q.
+    """
+    B, N, _, _, D = check_qkv(q, k, v)
+    _check_routing(routing, (B, N, routing[0].shape[-1]), top_k)
+    if (window is not None or frame_attention) and grid is None:
+        raise ValueError("grid=(T, H, W) is required when window or frame_attention is set")
+    shots = None
+    if grid is not None:
+        grid = check_grid(grid, N)
+        shots = normalize_shot_starts(shot_starts, grid[0])
+    elif shot_starts is not None:
+        raise ValueError("shot_starts are frames of the latent grid: pass grid=(T, H, W) with them")
+    return _branch_mean(
+        q, k, v, routing, lambda layout: layout, top_k=top_k, grid=grid, window=window,
+        frame_attention=frame_attention, shots=shots, context_frames=check_context_frames(context_frames),
+        scale=softmax_scale_or_default(None, D), backend=backend,
+    )  # fmt: skip
 
 
 def _video_rows(rows: torch.Tensor, num_video: int, num_tokens: int, video_offset: int) -> torch.Tensor:
@@ -296,7 +378,7 @@ def _branch_mean(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    router_logits: torch.Tensor,
+    routing: Routing,
     adapt: Callable[[RoutedLayout], RoutedLayout],
     *,
     top_k: int,
@@ -314,7 +396,7 @@ def _branch_mean(
 
     Args:
         q, k, v: (B, N', H, D) (k, v may have fewer heads), the rows ``adapt``'s layouts index.
-        router_logits: (B, n, M), the router on the n video tokens.
+        routing: ``route_tokens(router_logits, top_k)`` of the router on the n video tokens, (B, n, M) probs.
         adapt: maps a layout over the B * n video rows (routed groups, STGA windows, frames) to the layout run.
         top_k, window, frame_attention, context_frames, backend: as in :func:`moga.modules.moga_layer_attention`.
         grid: (T, H, W) of the video tokens, checked by the caller (needed when window or frame_attention is set).
@@ -326,8 +408,8 @@ def _branch_mean(
 
     Returns: (B, n, H, D) in the dtype of q, the branches averaged in float32 (or q's dtype if wider).
     """
-    B, n, M = q.shape[0], router_logits.shape[1], router_logits.shape[-1]
-    _, groups, gates = route_tokens(router_logits, top_k)
+    _, groups, gates = routing
+    B, n, M = routing[0].shape
     routed = adapt(routed_layout(groups, M))
     out_seg = _segment_outputs(q, k, v, routed, scale, backend)
     branches = [gated_unpermute(out_seg, routed.position, gates.reshape(B * n, top_k))]
@@ -366,6 +448,7 @@ def joint_moga_attention(
     context_frames: int = 0,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    routing: Routing | None = None,
 ) -> torch.Tensor:
     """MoGA on a joint text-video sequence (semantics in the module docstring).
 
@@ -377,6 +460,7 @@ def joint_moga_attention(
         pad_queries: what a padded text query does: ``"attend"`` (like a valid one) or ``"zero"`` (output 0).
         top_k, grid, window, frame_attention, shot_starts, context_frames, softmax_scale, backend: as in
             :func:`moga.modules.moga_layer_attention`; grid describes the video tokens.
+        routing: ``route_tokens(router_logits, top_k)`` when the caller has it (to reuse it); None: routed here.
 
     Returns: (B, N, H, D) in the dtype of q: video rows the mean of the branches, text rows global attention.
     """
@@ -400,8 +484,12 @@ def joint_moga_attention(
     joint = dict(batch=B, num_video=Nv, num_text=num_text, video_first=video_first, text_valid=text_valid)
 
     shots = normalize_shot_starts(shot_starts, grid[0]) if static else None
+    if routing is None:
+        routing = route_tokens(router_logits, top_k)
+    else:
+        _check_routing(routing, router_logits.shape, top_k)
     video = _branch_mean(
-        q, k, v, router_logits, lambda layout: with_global_keys(layout, **joint), top_k=top_k, grid=grid,
+        q, k, v, routing, lambda layout: with_global_keys(layout, **joint), top_k=top_k, grid=grid,
         window=window, frame_attention=frame_attention, shots=shots, context_frames=context_frames, scale=scale,
         backend=backend,
     )  # fmt: skip

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from moga.integrations._core import MoGAProcessorBase, joint_moga_attention
+from moga.router import route_tokens
 
 
 class _JointProcessor(MoGAProcessorBase):
@@ -47,13 +48,14 @@ class _JointProcessor(MoGAProcessorBase):
         pad_queries: str,
     ) -> torch.Tensor:
         self._refuse_context_parallel()
+        routing = route_tokens(logits, self.top_k)  # once: the routed branch and the statistics share it
         out = joint_moga_attention(
             q, k, v, logits, num_text=num_text, video_first=video_first, text_valid=text_valid,
             pad_queries=pad_queries, top_k=self.top_k, grid=self.state.grid, window=self.window,
             frame_attention=self.frame_attention, shot_starts=self.state.shot_starts,
-            context_frames=self.context_frames, backend=self.backend,
+            context_frames=self.context_frames, backend=self.backend, routing=routing,
         )  # fmt: skip
-        self._record_routing(logits)
+        self._record_routing(logits, routing)
         return out.flatten(2, 3).to(q.dtype)
 
 
