@@ -182,8 +182,21 @@ def group_balance_loss(
     M = router_logits.shape[-1]
     logits = router_logits.reshape(-1, M)
     probs, groups, _ = route_tokens(logits.unsqueeze(0), top_k)
-    probs, groups = probs[0], groups[0]
-    n = max(logits.shape[0], 1)
+    return balance_loss_of_routing(probs[0], groups[0], form=form)
+
+
+def balance_loss_of_routing(probs: torch.Tensor, groups: torch.Tensor, *, form: str = "paper") -> torch.Tensor:
+    """:func:`group_balance_loss` of a routing already computed by :func:`route_tokens` (no second routing).
+
+    Args:
+        probs: (..., M) routing probabilities.
+        groups: (..., top_k) int64, each token's groups.
+        form: "paper" or "switch" (see :func:`group_balance_loss`).
+    Returns: a scalar tensor; the gradient flows through ``probs``.
+    """
+    M = probs.shape[-1]
+    probs, groups = probs.reshape(-1, M), groups.reshape(-1, groups.shape[-1])
+    n = max(probs.shape[0], 1)
     assigned = torch.zeros_like(probs).scatter_(-1, groups, 1.0)  # (N, M), 1 where i in g(x)
     fraction = assigned.sum(0) / n
     if form == "paper":

@@ -38,7 +38,7 @@ from moga.layout import (
     sort_by_segment,
 )
 from moga.modules import ROUTER_KINDS, WindowArg, resolve_window
-from moga.router import route_tokens
+from moga.router import balance_loss_of_routing, route_tokens
 from moga.window import check_context_frames, check_grid, normalize_shot_starts, window_layout
 
 PAD_QUERY_MODES = ("attend", "zero")
@@ -227,11 +227,7 @@ def routing_stats(
     probs, groups, _ = routing
     M = logits.shape[-1]
     n = max(logits.shape[0] * logits.shape[1], 1)
-    # group_balance_loss(form="paper") on the shared routing, as it computes it: L = M * sum_i F_i * P_i
-    probs, token_groups = probs.reshape(-1, M), groups.reshape(-1, groups.shape[-1])
-    assigned = torch.zeros_like(probs).scatter_(-1, token_groups, 1.0)  # (B * N, M), 1 where i in g(x)
-    fraction_i, prob_mass = assigned.sum(0) / n, (probs * assigned).sum(0) / n
-    loss = M * (fraction_i * prob_mass).sum()
+    loss = balance_loss_of_routing(probs, groups, form="paper")
     with torch.no_grad():
         flat = groups.reshape(-1)
         counts = torch.zeros(M, device=logits.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
