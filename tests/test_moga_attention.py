@@ -51,24 +51,25 @@ def test_router_gradient_is_nonzero(backend):
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
+def _check_dense(backend, B, N, D, M, top_k) -> torch.Tensor:
+    """_check on random q/k/v (B, N, 2, D), logits (B, N, M); the output is also dense SDPA. Returns the logits."""
+    q, k, v = qkv(B, N, 2, 2, D)
+    logits = torch.randn(B, N, M, requires_grad=True)
+    out = _check(backend, q, k, v, logits, top_k)
+    assert rel_err(out, dense_sdpa(q, k, v)) < 1e-5
+    return logits
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_group_is_dense_attention(backend):
-    q, k, v = qkv(2, 53, 2, 2, 64)
-    logits = torch.randn(2, 53, 1, requires_grad=True)
-    out = _check(backend, q, k, v, logits, 1)
-    dense = dense_sdpa(q, k, v)
-    assert rel_err(out, dense) < 1e-5
+    logits = _check_dense(backend, 2, 53, 64, 1, top_k=1)
     assert logits.grad.abs().max() < 1e-6  # p == 1 for every logit value: no gradient
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_top_k_equal_m_is_gated_dense(backend):
     # every token in every group: each group is dense attention, gates sum to one
-    q, k, v = qkv(1, 30, 2, 2, 32)
-    logits = torch.randn(1, 30, 3, requires_grad=True)
-    out = _check(backend, q, k, v, logits, 3)
-    dense = dense_sdpa(q, k, v)
-    assert rel_err(out, dense) < 1e-5
+    _check_dense(backend, 1, 30, 32, 3, top_k=3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
