@@ -293,20 +293,13 @@ def test_moga_attention_top2_with_router_gradients(calls, float64_ok, dtype):
     q, k, v = _leaves(B, N, 4, 2, 32, dtype, seed=5)
     logits = torch.randn(B, N, M, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     logits.requires_grad_(True)
-
-    def fn(q, k, v):
-        return moga.moga_attention(q, k, v, logits, top_k=2, backend="varlen")
-
-    dbl = as_double_leaves(q, k, v, logits)
-    ref = moga_attention_ref(*dbl, top_k=2)
-    dout = torch.randn(ref.shape, dtype=torch.float64)
-    ref.backward(dout)
-    out = fn(q, k, v)
-    out.backward(dout.to(out.dtype))
-    for name, got, want in zip(["out", "dq", "dk", "dv", "dlogits"], [out, q.grad, k.grad, v.grad, logits.grad],
-                               [ref, *[t.grad for t in dbl]], strict=True):  # fmt: skip
-        assert torch.isfinite(got).all(), name
-        assert rel_err(got, want) <= BOUND[dtype], f"{name}: {rel_err(got, want):.3e}"
+    _compare(
+        lambda q, k, v, lg: moga.moga_attention(q, k, v, lg, top_k=2, backend="varlen"),
+        lambda q, k, v, lg: moga_attention_ref(q, k, v, lg, top_k=2),
+        [q, k, v, logits],
+        dtype,
+        extra=("dlogits",),
+    )
 
 
 # --- segment_attention directly: tails, keyless segments, bounds, limits ----------------------------------------
@@ -448,6 +441,31 @@ def test_auto_skips_varlen_in_deterministic_mode(calls, float64_ok, monkeypatch)
 # --- the real kernel (GPU only) ----------------------------------------------------------------------------------
 
 
+def _gpu_varlen_vs_torch_backend(attention, reference, leaves, dtype) -> list[torch.Tensor]:
+    """``attention(q, k, v, backend=...)`` on fresh copies of the CUDA ``leaves`` (q, k, v in ``dtype``) through the
+    varlen and the torch backends, against ``reference(q64, k64, v64)`` on float64 copies (one random draw: dout,
+    ``torch.randn_like`` of the reference): the varlen output and dq/dk/dv are finite and within twice the torch
+    backend's error (float16: or 1e-3). Returns the varlen [out, dq, dk, dv]."""
+    dbl = as_double_leaves(*leaves)
+    ref = reference(*dbl)
+    dout = torch.randn_like(ref)
+    ref.backward(dout)
+
+    def run(backend):
+        xs = [t.detach().clone().requires_grad_(True) for t in leaves]
+        out = attention(*xs, backend=backend)
+        out.backward(dout.to(dtype))
+        return [out] + [t.grad for t in xs]
+
+    got, base = run("varlen"), run("torch")
+    for name, gv, b, w in zip(["out", "dq", "dk", "dv"], got, base, [ref, *[t.grad for t in dbl]], strict=True):
+        assert torch.isfinite(gv).all(), name
+        err, torch_err = rel_err(gv, w), rel_err(b, w)
+        bound = max(1e-3, 2 * torch_err) if dtype == torch.float16 else 2 * torch_err
+        assert err <= bound, f"{name}: rel err {err:.3e}, torch backend {torch_err:.3e}"
+    return got
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen_attn is CUDA-only)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -459,23 +477,12 @@ def test_gpu_varlen_matches_reference(dtype, hkv):
     B, N, Hq, D, M = 2, 700, 4, 64, 5
     leaves = [torch.randn(B, N, h, D, generator=g).to("cuda", dtype).requires_grad_(True) for h in (Hq, hkv, hkv)]
     logits = torch.randn(B, N, M, generator=g).to("cuda")
-    dbl = as_double_leaves(*leaves)
-    ref = moga_attention_ref(*dbl, logits, top_k=2)
-    dout = torch.randn_like(ref)
-    ref.backward(dout)
-
-    def run(backend):
-        xs = [t.detach().clone().requires_grad_(True) for t in leaves]
-        out = moga.moga_attention(*xs, logits, top_k=2, backend=backend)
-        out.backward(dout.to(dtype))
-        return [out] + [t.grad for t in xs]
-
-    got, base = run("varlen"), run("torch")
-    for name, gv, b, w in zip(["out", "dq", "dk", "dv"], got, base, [ref, *[t.grad for t in dbl]], strict=True):
-        assert torch.isfinite(gv).all(), name
-        err, torch_err = rel_err(gv, w), rel_err(b, w)
-        bound = max(1e-3, 2 * torch_err) if dtype == torch.float16 else 2 * torch_err
-        assert err <= bound, f"{name}: rel err {err:.3e}, torch backend {torch_err:.3e}"
+    _gpu_varlen_vs_torch_backend(
+        lambda q, k, v, backend: moga.moga_attention(q, k, v, logits, top_k=2, backend=backend),
+        lambda q, k, v: moga_attention_ref(q, k, v, logits, top_k=2),
+        leaves,
+        dtype,
+    )
 
 
 @pytest.mark.gpu
@@ -491,22 +498,11 @@ def test_gpu_varlen_ragged_padded_groups(dtype, D):
     ids = _ragged_ids(B, N, G, seed=D).cuda()
     g = torch.Generator().manual_seed(D)
     leaves = [torch.randn(B, N, h, D, generator=g).to("cuda", dtype).requires_grad_(True) for h in (Hq, Hkv, Hkv)]
-    dbl = as_double_leaves(*leaves)
-    ref = group_attention_ref(*dbl, ids)
-    dout = torch.randn_like(ref)
-    ref.backward(dout)
-
-    def run(backend):
-        xs = [t.detach().clone().requires_grad_(True) for t in leaves]
-        out = moga.group_attention(*xs, ids, num_groups=G, backend=backend)
-        out.backward(dout.to(dtype))
-        return [out] + [t.grad for t in xs]
-
-    got, base = run("varlen"), run("torch")
-    for name, gv, b, w in zip(["out", "dq", "dk", "dv"], got, base, [ref, *[t.grad for t in dbl]], strict=True):
-        assert torch.isfinite(gv).all(), name
-        err, torch_err = rel_err(gv, w), rel_err(b, w)
-        bound = max(1e-3, 2 * torch_err) if dtype == torch.float16 else 2 * torch_err
-        assert err <= bound, f"{name}: rel err {err:.3e}, torch backend {torch_err:.3e}"
+    got = _gpu_varlen_vs_torch_backend(
+        lambda q, k, v, backend: moga.group_attention(q, k, v, ids, num_groups=G, backend=backend),
+        lambda q, k, v: group_attention_ref(q, k, v, ids),
+        leaves,
+        dtype,
+    )
     padded = (ids < 0)[..., None, None].expand_as(got[0])
     assert got[0][padded].abs().max() == 0 and got[1][padded].abs().max() == 0
