@@ -421,6 +421,8 @@ def _branch_mean(
         else:
             layout = adapt(build(grid, win, shots, ctx, q.device, B))
         branches.append(_segment_outputs(q, k, v, layout, scale, backend)[layout.position])
+    if len(branches) == 1:  # the routed branch alone, as moga_attention returns it (a float32 mean of one branch
+        return branches[0].to(q.dtype).view(B, n, q.shape[2], q.shape[3])  # would hold up to 4 more copies of it)
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     out = sum(b.to(acc_dtype) for b in branches) / len(branches)  # (B * n, H, D)
     return out.to(q.dtype).view(B, n, q.shape[2], q.shape[3])
