@@ -194,6 +194,8 @@ def balance_loss_of_routing(probs: torch.Tensor, groups: torch.Tensor, *, form: 
         form: "paper" or "switch" (see :func:`group_balance_loss`).
     Returns: a scalar tensor; the gradient flows through ``probs``.
     """
+    if form not in ("paper", "switch"):
+        raise ValueError(f"form must be 'paper' or 'switch', got {form!r}")
     M = probs.shape[-1]
     probs, groups = probs.reshape(-1, M), groups.reshape(-1, groups.shape[-1])
     n = max(probs.shape[0], 1)
