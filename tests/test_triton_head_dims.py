@@ -19,23 +19,14 @@ import torch
 import moga.functional
 from moga import _alloc, _head_dim, group_attention, moga_attention
 from moga.backends import _autograd as autograd_wrapper
-from moga.backends import get_backend
 from moga.layout import SegmentLayout, routed_layout
 from moga.reference import group_attention_ref
-from tests.utils import TOL, as_double_leaves, assert_bf16_within_twice_naive, qkv, rel_err
+from tests import utils
 
-triton_backend = get_backend("triton")
-pytestmark = pytest.mark.skipif(
-    triton_backend is None or not triton_backend.is_available(), reason="triton backend not available"
-)
+triton_backend, pytestmark = utils.backend_and_skip_mark("triton", "triton backend not available")
 
-if triton_backend is not None and triton_backend.is_available():
-    from moga.kernels.segment_attention import (
-        launch,
-        segment_attention_bwd,
-        segment_attention_fwd,
-        segment_attention_naive,
-    )
+if triton_backend is not None:
+    from moga.kernels.segment_attention import launch, segment_attention_bwd, segment_attention_fwd
     from moga.kernels.segment_attention.configs import HEAD_DIMS, interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,31 +35,7 @@ ODD_DIMS = [1, 8, 40, 59, 96, 111, 160, 224]
 
 def _ragged_layout(T: int, sizes: list[int], device: str = DEVICE) -> SegmentLayout:
     """Tokens in shuffled groups of the given sizes (empty and single-token groups allowed), the rest padding."""
-    ids = torch.cat([torch.full((n,), g, dtype=torch.int64) for g, n in enumerate(sizes)])
-    ids = torch.cat([ids, torch.full((T - ids.numel(),), -1, dtype=torch.int64)])[torch.randperm(T)]
-    return routed_layout(ids.view(1, T, 1).to(device), len(sizes)).segments
-
-
-def _grads_vs_naive(q, k, v, layout: SegmentLayout, scale: float) -> dict[str, float]:
-    """Relative errors vs naive.py in float64 of out, lse and the token-space dq, dk, dv, with every kernel output
-    allocated NaN-poisoned (a NaN left anywhere fails the caller's tolerance)."""
-    q64, k64, v64 = as_double_leaves(q, k, v)
-    ref, ref_lse = segment_attention_naive(q64, k64, v64, layout, scale)
-    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-    with _alloc.poisoned_outputs():
-        out, lse = segment_attention_fwd(q, k, v, layout, scale)
-        out_g = triton_backend.segment_attention(qg, kg, vg, layout, scale)
-        dout = torch.randn_like(out_g)
-        grads = torch.autograd.grad(out_g, (qg, kg, vg), dout)
-    assert out.shape == ref.shape
-    assert all(g.shape == t.shape and g.dtype == t.dtype for g, t in zip(grads, (q, k, v), strict=True))
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite.to(lse.device))
-    errors = {"out": rel_err(out, ref), "out_autograd": rel_err(out_g, ref)}
-    errors["lse"] = rel_err(lse[finite], ref_lse[finite])
-    errors.update({name: rel_err(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True)})
-    return errors
+    return routed_layout(utils.ragged_group_ids(1, T, sizes, device).view(1, T, 1), len(sizes)).segments
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -79,8 +46,8 @@ def test_odd_head_dim_vs_naive(D: int, dtype: torch.dtype) -> None:
     layout = _ragged_layout(T, [70, 0, 1, 20])
     q = torch.randn(T, 2, D, dtype=dtype, device=DEVICE)
     k, v = (torch.randn(T, 1, D, dtype=dtype, device=DEVICE) for _ in range(2))
-    errors = _grads_vs_naive(q, k, v, layout, D**-0.5)
-    assert all(e < TOL[dtype] for e in errors.values()), errors
+    errors = utils.segment_errors_vs_naive(triton_backend.segment_attention, q, k, v, layout, D**-0.5)
+    assert all(e < utils.TOL[dtype] for e in errors.values()), errors
 
 
 def test_odd_head_dim_with_repeated_tokens() -> None:
@@ -97,8 +64,8 @@ def test_odd_head_dim_with_repeated_tokens() -> None:
         k_unique=False,
     )
     q, k, v = (torch.randn(T, 2, D, device=DEVICE) for _ in range(3))
-    errors = _grads_vs_naive(q, k, v, layout, 0.3)
-    assert all(e < TOL[torch.float32] for e in errors.values()), errors
+    errors = utils.segment_errors_vs_naive(triton_backend.segment_attention, q, k, v, layout, 0.3)
+    assert all(e < utils.TOL[torch.float32] for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 59), (torch.float16, 96)])
@@ -106,26 +73,20 @@ def test_group_attention_odd_head_dim_vs_reference(dtype: torch.dtype, D: int) -
     """Public API, default softmax scale (1/sqrt of the real D, not of the padded width), GQA, padding tokens."""
     B, N, Hq, Hkv = 1, 100, 2, 1
     sizes = [50, 0, 1, 30]
-    ids = torch.cat([torch.full((n,), g, dtype=torch.int64) for g, n in enumerate(sizes)])
-    ids = torch.cat([ids, torch.full((N - ids.numel(),), -1, dtype=torch.int64)])[torch.randperm(N)]
-    ids = ids.view(B, N).to(DEVICE)
-    q, k, v = (t.detach().to(DEVICE).requires_grad_(True) for t in qkv(B, N, Hq, Hkv, D, dtype))
+    ids = utils.ragged_group_ids(B, N, sizes, DEVICE)
+    q, k, v = (t.detach().to(DEVICE).requires_grad_(True) for t in utils.qkv(B, N, Hq, Hkv, D, dtype))
     out = group_attention(q, k, v, ids, num_groups=len(sizes), backend="triton")
-    q64, k64, v64 = as_double_leaves(q, k, v)
+    q64, k64, v64 = utils.as_double_leaves(q, k, v)
     ref = group_attention_ref(q64, k64, v64, ids)
-    assert out.shape == q.shape and rel_err(out, ref) < TOL[dtype]
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        assert rel_err(g, r) < TOL[dtype], (name, rel_err(g, r))
+    assert out.shape == q.shape
+    utils.assert_out_and_grads_close(out, ref, (q, k, v), (q64, k64, v64), ("dq", "dk", "dv"), utils.TOL[dtype])
 
 
 def test_bfloat16_odd_head_dim_within_twice_a_bf16_torch_implementation() -> None:
     T, H, D = 100, 2, 80
     layout = _ragged_layout(T, [60, 25, 1])
     q, k, v = (torch.randn(T, H, D, dtype=torch.bfloat16, device=DEVICE).requires_grad_(True) for _ in range(3))
-    assert_bf16_within_twice_naive(triton_backend.segment_attention, q, k, v, layout, D**-0.5)
+    utils.assert_bf16_within_twice_naive(triton_backend.segment_attention, q, k, v, layout, D**-0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,7 +257,7 @@ def test_inputs_on_a_device_that_is_not_current(D: int) -> None:
     T = 300
     layout = _ragged_layout(T, [150, 0, 1, 100], device=str(device))
     q, k, v = (torch.randn(T, 2, D, dtype=torch.float16, device=device) for _ in range(3))
-    errors = _grads_vs_naive(q, k, v, layout, D**-0.5)
+    errors = utils.segment_errors_vs_naive(triton_backend.segment_attention, q, k, v, layout, D**-0.5)
     torch.cuda.synchronize(device)
     assert torch.cuda.current_device() == 0
-    assert all(e < TOL[torch.float16] for e in errors.values()), errors
+    assert all(e < utils.TOL[torch.float16] for e in errors.values()), errors

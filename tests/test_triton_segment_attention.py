@@ -11,18 +11,24 @@ import pytest
 import torch
 
 from moga import _alloc, group_attention, moga_attention
-from moga.backends import get_backend
 from moga.layout import SegmentLayout, routed_layout
 from moga.reference import group_attention_ref, moga_attention_ref
-from tests.utils import TOL, as_double_leaves, assert_bf16_within_twice_naive, qkv, rel_err
-
-triton_backend = get_backend("triton")
-pytestmark = pytest.mark.skipif(
-    triton_backend is None or not triton_backend.is_available(), reason="triton backend not available"
+from tests.utils import (
+    TOL,
+    as_double_leaves,
+    assert_bf16_within_twice_naive,
+    assert_out_and_grads_close,
+    backend_and_skip_mark,
+    qkv,
+    ragged_group_ids,
+    rel_err,
+    segment_errors_vs_naive,
 )
 
-if triton_backend is not None and triton_backend.is_available():
-    from moga.kernels.segment_attention import compile_specs, segment_attention_fwd, segment_attention_naive
+triton_backend, pytestmark = backend_and_skip_mark("triton", "triton backend not available")
+
+if triton_backend is not None:
+    from moga.kernels.segment_attention import compile_specs
     from moga.kernels.segment_attention.configs import (
         DTYPES,
         HEAD_DIMS,
@@ -41,10 +47,8 @@ def _tokens(T: int, H: int, D: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _ragged_ids(B: int, N: int, sizes: list[int]) -> torch.Tensor:
-    """(B, N) group ids with the given group sizes (shuffled positions), -1 for the rest (padding)."""
-    ids = torch.cat([torch.full((n,), g, dtype=torch.int64) for g, n in enumerate(sizes)])
-    ids = torch.cat([ids, torch.full((N - ids.numel(),), -1, dtype=torch.int64)])
-    return torch.stack([ids[torch.randperm(N)] for _ in range(B)]).to(DEVICE)
+    """(B, N) group ids with the given group sizes (shuffled positions), -1 for the rest (padding), on DEVICE."""
+    return ragged_group_ids(B, N, sizes, DEVICE)
 
 
 def _context_layout(T: int, segments: list[tuple[int, int]], context: int) -> SegmentLayout:
@@ -62,23 +66,10 @@ def _context_layout(T: int, segments: list[tuple[int, int]], context: int) -> Se
 
 
 def _check_layout(q, k, v, layout: SegmentLayout, scale: float, tol: float) -> None:
-    """Forward (out, lse) and token-space gradients of the triton backend vs naive.py in float64."""
-    out, lse = segment_attention_fwd(q, k, v, layout, scale)
-    q64, k64, v64 = as_double_leaves(q, k, v)
-    ref, ref_lse = segment_attention_naive(q64, k64, v64, layout, scale)
-    assert rel_err(out, ref) < tol
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite.to(lse.device))
-    assert rel_err(lse[finite], ref_lse[finite]) < tol
-
-    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-    out_g = triton_backend.segment_attention(qg, kg, vg, layout, scale)
-    dout = torch.randn_like(out_g)
-    grads = torch.autograd.grad(out_g, (qg, kg, vg), dout)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        assert g.dtype == q.dtype and g.shape == r.shape, name
-        assert rel_err(g, r) < tol, (name, rel_err(g, r))
+    """Forward (out, lse) and token-space gradients of the triton backend vs naive.py in float64, every kernel output
+    NaN-poisoned first (tests.utils.segment_errors_vs_naive): each relative error below ``tol``."""
+    errors = segment_errors_vs_naive(triton_backend.segment_attention, q, k, v, layout, scale)
+    assert all(e < tol for e in errors.values()), errors
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,12 +196,8 @@ def test_group_attention_vs_reference(dtype, D, Hq, Hkv, sizes) -> None:
     out = group_attention(q, k, v, ids, num_groups=len(sizes), backend="triton")
     q64, k64, v64 = as_double_leaves(q, k, v)
     ref = group_attention_ref(q64, k64, v64, ids)
-    assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        assert rel_err(g, r) < TOL[dtype], (name, rel_err(g, r))
+    assert out.dtype == dtype
+    assert_out_and_grads_close(out, ref, (q, k, v), (q64, k64, v64), ("dq", "dk", "dv"), TOL[dtype])
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -220,14 +207,10 @@ def test_moga_attention_vs_reference(top_k: int) -> None:
     q, k, v = (t.to(DEVICE) for t in qkv(B, N, Hq, Hkv, D))
     logits = (2 * torch.randn(B, N, M, device=DEVICE)).requires_grad_(True)
     out = moga_attention(q, k, v, logits, top_k=top_k, backend="triton")
-    q64, k64, v64, l64 = as_double_leaves(q, k, v, logits)
-    ref = moga_attention_ref(q64, k64, v64, l64, top_k=top_k)
-    assert rel_err(out, ref) < TOL[torch.float32]
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v, logits), dout)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64, l64), dout.double())
-    for name, g, r in zip(("dq", "dk", "dv", "dlogits"), grads, ref_grads, strict=True):
-        assert rel_err(g, r) < TOL[torch.float32], (name, rel_err(g, r))
+    leaves64 = as_double_leaves(q, k, v, logits)
+    ref = moga_attention_ref(*leaves64, top_k=top_k)
+    names = ("dq", "dk", "dv", "dlogits")
+    assert_out_and_grads_close(out, ref, (q, k, v, logits), leaves64, names, TOL[torch.float32])
 
 
 def test_bfloat16_within_twice_a_bf16_torch_implementation() -> None:

@@ -46,11 +46,28 @@ def cpu_backends() -> list[str]:
     return names
 
 
+def backend_and_skip_mark(name: str, reason: str) -> tuple[types.ModuleType | None, pytest.MarkDecorator]:
+    """The backend module ``name`` where it can run here (it imports and ``is_available()``), else None; and the
+    mark (a test module's ``pytestmark``) that skips with ``reason`` where it is None."""
+    backend = get_backend(name)
+    if backend is not None and not backend.is_available():
+        backend = None
+    return backend, pytest.mark.skipif(backend is None, reason=reason)
+
+
 def qkv(B: int, N: int, Hq: int, Hkv: int, D: int, dtype=torch.float32, requires_grad: bool = True):
     q = torch.randn(B, N, Hq, D, dtype=dtype)
     k = torch.randn(B, N, Hkv, D, dtype=dtype)
     v = torch.randn(B, N, Hkv, D, dtype=dtype)
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def ragged_group_ids(B: int, N: int, sizes: list[int], device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B, N) int64 group ids on ``device``: groups of the given sizes (empty and single-token groups allowed), -1
+    (padding) for the other N - sum(sizes) positions, shuffled by one ``torch.randperm(N)`` per batch row."""
+    ids = torch.cat([torch.full((n,), g, dtype=torch.int64) for g, n in enumerate(sizes)])
+    ids = torch.cat([ids, torch.full((N - ids.numel(),), -1, dtype=torch.int64)])
+    return torch.stack([ids[torch.randperm(N)] for _ in range(B)]).to(device)
 
 
 def as_double_leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -93,6 +110,34 @@ def assert_bf16_within_twice_naive(attention: Callable, q, k, v, layout, scale: 
         assert rel_err(g, r) <= 2 * rel_err(b, r), (name, rel_err(g, r), rel_err(b, r))
 
 
+def segment_errors_vs_naive(segment_attention: Callable, q, k, v, layout, scale: float) -> dict[str, float]:
+    """Relative errors against naive.py's segment attention in float64 (Triton kernel package: imported when called)
+    of the forward kernels (``segment_attention_fwd``: "out", and "lse" on the rows where the reference's is finite)
+    and of ``segment_attention(q, k, v, layout, scale)`` under autograd ("out_autograd" and the token-space "dq",
+    "dk", "dv"; one random draw: dout, ``torch.randn_like`` of its output), with every kernel output allocated
+    NaN-poisoned (a NaN left anywhere fails the caller's tolerance). Asserts the shapes and dtypes, and that lse is
+    finite exactly where the reference's is. q: (T, Hq, D), k/v: (T, Hkv, D), layout: a SegmentLayout."""
+    from moga.kernels.segment_attention import segment_attention_fwd, segment_attention_naive
+
+    q64, k64, v64 = as_double_leaves(q, k, v)
+    ref, ref_lse = segment_attention_naive(q64, k64, v64, layout, scale)
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+    with poisoned_outputs():
+        out, lse = segment_attention_fwd(q, k, v, layout, scale)
+        out_g = segment_attention(qg, kg, vg, layout, scale)
+        dout = torch.randn_like(out_g)
+        grads = torch.autograd.grad(out_g, (qg, kg, vg), dout)
+    assert out.shape == ref.shape
+    assert all(g.shape == t.shape and g.dtype == t.dtype for g, t in zip(grads, (q, k, v), strict=True))
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite.to(lse.device))
+    errors = {"out": rel_err(out, ref), "out_autograd": rel_err(out_g, ref)}
+    errors["lse"] = rel_err(lse[finite], ref_lse[finite])
+    errors.update({name: rel_err(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True)})
+    return errors
+
+
 def check_fwd_bwd_against_float64(
     attention: Callable,
     reference: Callable,
@@ -125,6 +170,19 @@ def check_fwd_bwd_against_float64(
         err = rel_err(got, want)
         assert err < tol, f"{name}: rel err {err:.2e} >= {tol:.0e}"
     return out
+
+
+def assert_out_and_grads_close(out, ref, leaves, leaves64, names: tuple[str, ...], tol: float) -> None:
+    """``out`` (computed from the leaves ``leaves``) within ``tol`` relative error of the float64 ``ref`` (computed
+    from ``leaves64``, their float64 copies), then the gradients: one random draw, ``dout = torch.randn_like(out)``;
+    the gradients of ``out`` w.r.t. ``leaves`` and of ``ref`` w.r.t. ``leaves64`` (``dout.double()``), one per name
+    of ``names``, within ``tol``."""
+    assert rel_err(out, ref) < tol
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_grads = torch.autograd.grad(ref, leaves64, dout.double())
+    for name, g, r in zip(names, grads, ref_grads, strict=True):
+        assert rel_err(g, r) < tol, (name, rel_err(g, r))
 
 
 def bf16_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
