@@ -12,13 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._context_parallel import (
-    all_reduce_grads,
-    assert_balance_and_fractions_match,
-    assert_output_matches,
-    gloo_records,
-    moga_record,
-)
+from tests import _context_parallel as cp
 from tests.utils import rel_err
 
 diffusers = pytest.importorskip("diffusers")
@@ -64,7 +58,7 @@ def _run(model, inputs, weights) -> dict:
     loss = (out * weights).sum() + 0.1 * moga_balance_loss(model)
     loss.backward()
     params = dict(model.named_parameters())
-    return moga_record(model, out, {name: params[name].grad.detach().clone() for name in WATCHED})
+    return cp.moga_record(model, out, {name: params[name].grad.detach().clone() for name in WATCHED})
 
 
 def _body() -> dict:
@@ -74,16 +68,16 @@ def _body() -> dict:
     ref = _run(model, inputs, weights)
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
     got = _run(model, inputs, weights)
-    all_reduce_grads(got["grads"])
+    cp.all_reduce_grads(got["grads"])
     model_first, inputs, weights = _model_and_inputs(ContextParallelConfig(ulysses_degree=WORLD))
     got_first = _run(model_first, inputs, weights)
-    all_reduce_grads(got_first["grads"])
+    cp.all_reduce_grads(got_first["grads"])
     return {"ref": ref, "got": got, "got_parallel_first": got_first}
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
-    return gloo_records(tmp_path_factory, "diffusers_cp", _body, WORLD, SPAWN_TIMEOUT_S)
+    return cp.gloo_records(tmp_path_factory, "diffusers_cp", _body, WORLD, SPAWN_TIMEOUT_S)
 
 
 ORDERS = ["got", "got_parallel_first"]  # enable_parallelism after apply_moga, and before it
@@ -92,13 +86,13 @@ ORDERS = ["got", "got_parallel_first"]  # enable_parallelism after apply_moga, a
 @pytest.mark.parametrize("order", ORDERS)
 def test_output_matches_single_process(records, order: str) -> None:
     for rec in records:
-        assert_output_matches(rec[order], rec["ref"])
+        cp.assert_output_matches(rec[order], rec["ref"])
 
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_balance_loss_and_group_fractions_are_the_whole_sequence(records, order: str) -> None:
     for rec in records:
-        assert_balance_and_fractions_match(rec[order], rec["ref"])
+        cp.assert_balance_and_fractions_match(rec[order], rec["ref"])
 
 
 @pytest.mark.parametrize("order", ORDERS)

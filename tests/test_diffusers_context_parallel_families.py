@@ -13,13 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._context_parallel import (
-    all_reduce_grads,
-    assert_balance_and_fractions_match,
-    assert_output_matches,
-    gloo_records,
-    moga_record,
-)
+from tests import _context_parallel as cp
 from tests.utils import rel_err
 
 diffusers = pytest.importorskip("diffusers")
@@ -54,8 +48,8 @@ def _run(name: str, parallel: bool) -> dict:
         ((out * weights).sum() + 0.1 * moga_balance_loss(model)).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     if parallel:
-        all_reduce_grads(grads)
-    return moga_record(model, out, grads)
+        cp.all_reduce_grads(grads)
+    return cp.moga_record(model, out, grads)
 
 
 def _body() -> dict:
@@ -64,15 +58,15 @@ def _body() -> dict:
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
-    return gloo_records(tmp_path_factory, "diffusers_cp_families", _body, WORLD, SPAWN_TIMEOUT_S)
+    return cp.gloo_records(tmp_path_factory, "diffusers_cp_families", _body, WORLD, SPAWN_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_context_parallel_matches_single_process(records, name: str) -> None:
     for rec in records:
         ref, got = rec[name]["ref"], rec[name]["got"]
-        assert_output_matches(got, ref)
-        assert_balance_and_fractions_match(got, ref)
+        cp.assert_output_matches(got, ref)
+        cp.assert_balance_and_fractions_match(got, ref)
         if name in FORWARD_ONLY:
             continue
         assert got["grads"].keys() == ref["grads"].keys()
