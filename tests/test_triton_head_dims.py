@@ -122,28 +122,40 @@ class _CopyCounter:
 
 
 @pytest.mark.parametrize("D", [8, 40, 59, 80, 96, 64])
-def test_autograd_pads_once_bitwise_as_padding_per_launch(monkeypatch: pytest.MonkeyPatch, D: int) -> None:
+def test_autograd_pads_per_call_saves_unpadded_bitwise_as_padding_per_launch(
+    monkeypatch: pytest.MonkeyPatch, D: int
+) -> None:
     """fp32, GQA 2:1, ragged groups with an empty and a single-token one, padding tokens: out, dq, dk, dv of the
-    backend equal (bitwise) those of the launchers called on the unpadded tensors, and one call pads q, k, v, dout
-    once each and slices out, dq, dk, dv once each (copies nothing at a tile width, D = 64)."""
+    backend equal (bitwise) those of the launchers called on the unpadded tensors. Forward pads q, k, v and slices
+    out once each; backward keeps only unpadded tensors (nothing of the tile width lives from forward to backward:
+    memory before copies) and pads q, k, v, out, dout and slices dq, dk, dv once each (no copy at D = 64)."""
     T = 70
     layout = _ragged_layout(T, [40, 0, 1, 12])
     q = torch.randn(T, 2, D, device=DEVICE)
     k, v = (torch.randn(T, 1, D, device=DEVICE) for _ in range(2))
     dout = torch.randn(layout.q_index.numel(), 2, D, device=DEVICE)
     scale = D**-0.5
+    saved_widths: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 3:  # q, k, v, out (lse is 2-D)
+            saved_widths.append(t.shape[-1])
+        return t
+
     with _alloc.poisoned_outputs():
         ref_out, ref_lse = segment_attention_fwd(q, k, v, layout, scale)  # the launchers pad (and slice) themselves
         ref_grads = segment_attention_bwd(dout, q, k, v, ref_out, ref_lse, layout, scale)
         counter = _CopyCounter(monkeypatch)
         qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-        out = triton_backend.segment_attention(qg, kg, vg, layout, scale)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = triton_backend.segment_attention(qg, kg, vg, layout, scale)
         fwd_copies = counter.take()
         grads = torch.autograd.grad(out, (qg, kg, vg), dout)
         bwd_copies = counter.take()
     padded = D != 64
+    assert saved_widths == [D] * 4, saved_widths  # q, k, v, out kept at the caller's width
     assert fwd_copies == ((3, 1) if padded else (0, 0)), fwd_copies  # pads q, k, v; slices out
-    assert bwd_copies == ((1, 3) if padded else (0, 0)), bwd_copies  # pads dout; slices dq, dk, dv
+    assert bwd_copies == ((5, 3) if padded else (0, 0)), bwd_copies  # pads q, k, v, out, dout; slices dq, dk, dv
     assert out.shape == ref_out.shape and out.is_contiguous() and torch.equal(out, ref_out)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
         assert g.shape == r.shape and g.is_contiguous() and torch.equal(g, r), name

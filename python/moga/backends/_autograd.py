@@ -9,10 +9,11 @@ A kernel backend supplies two functions (see :mod:`moga.layout` for the layout):
   gradients in token space, dq (T, Hq, D), dk/dv (T, Hkv, D), zero for tokens no segment reads.
 
 A backend whose kernels run at a fixed tile width (the Triton kernels: 32, 64, 128, 256) passes ``head_width``:
-the wrapper then zero-pads q, k, v to it once in forward (those padded copies, and the padded out, are what
-backward gets: nothing is padded twice), dout once in backward, and slices out, dq, dk, dv back to D once each.
-The softmax scale is the caller's (from the real D) and the zero columns change no score, so results are those of
-padding inside each kernel call.
+the wrapper zero-pads q, k, v to it for the forward kernel and slices out back to D; backward pads q, k, v, out and
+dout again and slices dq, dk, dv. Backward deliberately keeps the caller's unpadded q, k, v and the returned out,
+not padded copies: those would be extra tensors (up to 256/D times as large) alive from forward to backward in
+every layer and branch, while the re-padding costs a few transient copies, small next to the attention itself.
+The softmax scale is the caller's (from the real D) and the zero columns change no score.
 """
 
 from __future__ import annotations
@@ -36,28 +37,28 @@ class _SegmentAttention(torch.autograd.Function):
     ):
         D = q.shape[-1]
         width = D if head_width is None else head_width
-        q, k, v = (pad_head_dim(t, width) for t in (q, k, v))
-        out, lse = fwd(q, k, v, layout, scale)
-        # Backward reads the padded tensors (out too: its extra columns are the kernel's exact zeros).
+        out, lse = fwd(*(pad_head_dim(t, width) for t in (q, k, v)), layout, scale)
+        # One contiguous copy, not a view of the padded out: the compiled gated un-permute makes its inputs
+        # contiguous in forward and again in backward, and callers may .view() the result.
+        out = unpad_head_dim(out, D)
+        # The unpadded tensors: the caller holds q, k, v and out anyway (see the module docstring).
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale, ctx.bwd, ctx.head_dim = layout, scale, bwd, D
+        ctx.layout, ctx.scale, ctx.bwd, ctx.width = layout, scale, bwd, width
         # Backward runs after the public call returned (on CUDA on an autograd worker thread): carry the
         # forward-time deterministic mode into it.
         ctx.deterministic = deterministic_enabled()
-        # One contiguous copy, not a view of the padded out: the compiled gated un-permute makes its inputs
-        # contiguous in forward and again in backward, and callers may .view() the result.
-        return unpad_head_dim(out, D)
+        return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        D, width = ctx.head_dim, q.shape[-1]
-        # The padded copy is contiguous already; only an unpadded dout may need a contiguous copy.
+        D, width = q.shape[-1], ctx.width
+        # A padded copy is contiguous already; an unpadded dout may need a contiguous copy.
         dout = pad_head_dim(dout, width) if width != D else dout.contiguous()
+        q, k, v, out = (pad_head_dim(t, width) for t in (q, k, v, out))
         with deterministic_mode(ctx.deterministic):
             dq, dk, dv = ctx.bwd(dout, q, k, v, out, lse, ctx.layout, ctx.scale)
         return unpad_head_dim(dq, D), unpad_head_dim(dk, D), unpad_head_dim(dv, D), None, None, None, None, None
-
 
 def segment_attention_autograd(
     q: torch.Tensor,
