@@ -60,8 +60,10 @@ def block_of_rows(batch: int, grid: Grid, frames_per_block: int, device: torch.d
     return torch.div(rows % N, H * W * frames_per_block, rounding_mode="floor")
 
 
-# Bounded like window_layout's cache, smaller: an entry's key lists are up to num_blocks times a window layout's.
-@functools.lru_cache(maxsize=16)
+# Bounded like window_layout's cache, smaller: an entry holds about 16 + 8 * num_blocks bytes per token on the device
+# (its key lists keep the excluded entries past the last segment), e.g. ~160 MB at N = 580K with 32 blocks. One
+# video shape uses two entries (STGA and per-frame), so 4 keeps two shapes warm.
+@functools.lru_cache(maxsize=4)
 def block_causal_window_layout(
     grid: Grid,
     window: Grid,
