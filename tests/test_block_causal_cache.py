@@ -55,6 +55,7 @@ def test_cached_layout_equals_a_fresh_build_and_is_reused():
 def test_every_key_component_changes_the_layout(position, value):
     args = list(BASE)
     args[position] = value
+    block_causal_window_layout.cache_clear()  # a miss whatever ran before
     misses = block_causal_window_layout.cache_info().misses
     got = block_causal_window_layout(*args)
     assert block_causal_window_layout.cache_info().misses == misses + 1
