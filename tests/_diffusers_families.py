@@ -115,3 +115,13 @@ def output(model: torch.nn.Module, inputs: dict, **kwargs) -> torch.Tensor:
 def hunyuan_video_token_replace():
     """HunyuanVideo I2V's token-replace variant (other block classes, the same attention)."""
     return _hunyuan_video("token_replace")
+
+
+def skyreels_block_causal():
+    """SkyReels-V2 with diffusion forcing's block-causal mask: 2 latent frames per causal block."""
+    model = diffusers.SkyReelsV2Transformer3DModel(**WAN_ARGS, num_frame_per_block=2).eval()
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 4, 8, 8), timestep=torch.tensor([500, 300]),
+        encoder_hidden_states=torch.randn(2, 5, 16),
+    )  # fmt: skip
+    return model, inputs

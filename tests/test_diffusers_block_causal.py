@@ -15,7 +15,7 @@ from tests.utils import TOL, assert_weighted_grads_match, rel_err
 diffusers = pytest.importorskip("diffusers")
 
 from moga.integrations.diffusers import apply_moga, moga_balance_loss  # noqa: E402
-from tests._diffusers_families import WAN_ARGS, output  # noqa: E402
+from tests._diffusers_families import output, skyreels_block_causal  # noqa: E402
 
 B, H, D, M = 2, 2, 32, 3
 GRID, FPB = (4, 2, 3), 2  # 24 tokens, two causal blocks of two frames
@@ -61,17 +61,8 @@ def test_frames_must_fill_whole_blocks():
         block_causal_layer_attention(q, q, q, torch.randn(1, N, M), frames_per_block=3, grid=GRID)
 
 
-def skyreels_causal():
-    model = diffusers.SkyReelsV2Transformer3DModel(**WAN_ARGS, num_frame_per_block=2).eval()
-    inputs = dict(
-        hidden_states=torch.randn(2, 4, 4, 8, 8), timestep=torch.tensor([500, 300]),
-        encoder_hidden_states=torch.randn(2, 5, 16),
-    )  # fmt: skip
-    return model, inputs
-
-
 def test_skyreels_block_causal_one_group_matches_the_stock_model():
-    model, x = skyreels_causal()
+    model, x = skyreels_block_causal()
     with torch.no_grad():
         want = output(model, x)
         apply_moga(model, 1)
@@ -84,7 +75,7 @@ def test_skyreels_block_causal_one_group_matches_the_stock_model():
 
 def test_skyreels_block_causal_trains_and_reloads():
     torch.manual_seed(0)
-    model, x = skyreels_causal()
+    model, x = skyreels_block_causal()
     settings = dict(top_k=2, window=(3, 2, 2), frame_attention=True, context_frames=1)
     apply_moga(model, 3, **settings)
     out = output(model, x, attention_kwargs={"shot_starts": [2]})
@@ -92,7 +83,7 @@ def test_skyreels_block_causal_trains_and_reloads():
     routers = {n: p for n, p in model.named_parameters() if ".router." in n}
     assert len(routers) == 2 and all(p.grad.abs().sum() > 0 for p in routers.values())
     torch.manual_seed(1)
-    fresh, _ = skyreels_causal()
+    fresh, _ = skyreels_block_causal()
     apply_moga(fresh, 3, **settings)
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -102,7 +93,7 @@ def test_skyreels_block_causal_trains_and_reloads():
 
 def test_torch_compile_fullgraph_of_one_block_causal():
     """A block-causal SkyReels-V2 block traced by Dynamo as one graph, output equal to eager, backward run."""
-    model, x = skyreels_causal()
+    model, x = skyreels_block_causal()
     apply_moga(model, 3, top_k=2, window=(3, 2, 2), frame_attention=True)
     captured = {}
     handle = model.blocks[0].register_forward_pre_hook(

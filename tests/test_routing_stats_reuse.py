@@ -69,17 +69,7 @@ def test_routed_layer_attention_equals_moga_layer_attention(static):
 diffusers = pytest.importorskip("diffusers")
 
 from moga.integrations.diffusers import apply_moga, moga_processors  # noqa: E402
-from tests._diffusers_families import FAMILIES, WAN_ARGS, output  # noqa: E402
-
-
-def skyreels_block_causal():
-    model = diffusers.SkyReelsV2Transformer3DModel(**WAN_ARGS, num_frame_per_block=2).eval()
-    inputs = dict(
-        hidden_states=torch.randn(2, 4, 4, 8, 8), timestep=torch.tensor([500, 300]),
-        encoder_hidden_states=torch.randn(2, 5, 16),
-    )  # fmt: skip
-    return model, inputs
-
+from tests._diffusers_families import FAMILIES, output, skyreels_block_causal  # noqa: E402
 
 CASES = {**FAMILIES, "SkyReelsV2 block-causal": skyreels_block_causal}
 
