@@ -32,7 +32,7 @@ from moga.integrations.diffusers import (  # noqa: E402
     reset_kmeans_clusters,
 )
 from moga.kmeans import KMeansRouter  # noqa: E402
-from tests._diffusers_families import FAMILIES, GRID, LATENT_5D, WAN_ARGS, _wan_like, output  # noqa: E402
+from tests._diffusers_families import FAMILIES, GRID, LATENT_5D, WAN_ARGS, _wan_like, output, skyreels_block_causal  # noqa: E402
 from tests.test_diffusers_families import assert_unchanged, snapshot  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")
@@ -87,15 +87,14 @@ def test_kmeans_forward_backward_trains_the_projections(name):
 def test_kmeans_under_skyreels_block_causal_mask():
     """Diffusion forcing's block-causal mask with k-means groups: one group equals the stock causal model, and M = 3
     trains the projections."""
-    from tests.test_diffusers_block_causal import skyreels_causal
 
     torch.manual_seed(0)
-    model, x = skyreels_causal()
+    model, x = skyreels_block_causal()
     with torch.no_grad():
         want = output(model, x)
         apply_moga(model, 1, router="kmeans")
         assert rel_err(output(model, x), want) < TOL[torch.float32]
-    model, x = skyreels_causal()
+    model, x = skyreels_block_causal()
     apply_moga(model, 3, router="kmeans", window=(2, 2, 2))
     out = output(model.train(), x)
     assert torch.isfinite(out).all()
