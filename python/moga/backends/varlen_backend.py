@@ -51,9 +51,9 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from moga._determinism import deterministic_enabled
+from moga._head_dim import pad_head_dim
 from moga.backends._inputs import check_segment_inputs
 from moga.layout import SegmentLayout, segment_of_positions
 
@@ -237,15 +237,14 @@ def segment_attention(
     Lq, Lk = layout.q_index.numel(), layout.k_index.numel()
     if Lq == 0 or Lk == 0:  # nothing to attend: every row is zero (host-known sizes)
         return q.new_zeros(Lq, Hq, D)
-    q_index, k_index = layout.q_index.contiguous(), layout.k_index.contiguous()
 
     native_gqa = "enable_gqa" in keywords and Hq != Hkv
-    qs = _gather(q, q_index, Hq)
-    ks = _gather(k, k_index, Hkv if native_gqa else Hq)
-    vs = _gather(v, k_index, Hkv if native_gqa else Hq)
+    # Index tensors are contiguous already (check_segment_inputs).
+    qs = _gather(q, layout.q_index, Hq)
+    ks = _gather(k, layout.k_index, Hkv if native_gqa else Hq)
+    vs = _gather(v, layout.k_index, Hkv if native_gqa else Hq)
     Dk = -(-D // 8) * 8  # FlashAttention and cuDNN take head dims that are multiples of 8
-    if Dk != D:
-        qs, ks, vs = (F.pad(t, (0, Dk - D)) for t in (qs, ks, vs))
+    qs, ks, vs = (pad_head_dim(t, Dk) for t in (qs, ks, vs))
 
     kwargs = {}
     if "scale" in keywords:
