@@ -255,20 +255,29 @@ def methods(
     kl = moga.kmeans(k.flatten(2), Mc, iters=25, seed=seed)[0]
     scale = q.shape[-1] ** -0.5
 
-    def pair_mask(top_p: float) -> torch.Tensor:
-        chosen = select_cluster_pairs(q, k, ql, kl, Mc, Mc, top_p=top_p, min_clusters=1, softmax_scale=scale)
-        return chosen[0][ql[0][:, None], kl[0][None, :]]
+    def token_mask(qx: torch.Tensor, kx: torch.Tensor, a: torch.Tensor, c: torch.Tensor, top_p: float) -> torch.Tensor:
+        """(N, N) bool: query i computes key j (the pair of their clusters a[i], c[j] is chosen)."""
+        chosen = select_cluster_pairs(qx, kx, a, c, Mc, Mc, top_p=top_p, min_clusters=1, softmax_scale=scale)
+        return chosen[0][a[0][:, None], c[0][None, :]]
 
     top_ps = [i / 100 for i in range(1, 100, 2)]
-    top_p = _closest(top_ps, lambda p: float(pair_mask(p).double().mean()), target)
-    out.append(
-        (
-            f"top-p cluster pairs (Mq=Mk={Mc}, p={top_p:.2f})",
-            pair_mask(top_p),
-            moga.cluster_attention(q, k, v, ql, kl, top_p=top_p),
-            "k-means of q and of k (heads concatenated)",
+
+    def add_top_p(
+        name: str, note: str, a: torch.Tensor, c: torch.Tensor, mask_of: Callable[[float], torch.Tensor]
+    ) -> None:
+        """Append moga.cluster_attention at the top_p whose mask density is closest to the target."""
+        top_p = _closest(top_ps, lambda p: float(mask_of(p).double().mean()), target)
+        out.append(
+            (
+                f"{name} (Mq=Mk={Mc}, p={top_p:.2f})",
+                mask_of(top_p),
+                moga.cluster_attention(q, k, v, a, c, top_p=top_p),
+                note,
+            )
         )
-    )
+
+    shared_note = "k-means of q and of k (heads concatenated)"
+    add_top_p("top-p cluster pairs", shared_note, ql, kl, lambda p: token_mask(q, k, ql, kl, p))
 
     # per head, as Sparse VideoGen2 clusters: every head its own k-means and its own cluster pairs
     qlh = moga.kmeans(q, Mc, iters=25, seed=seed)[0]  # (1, N, Hq)
@@ -276,23 +285,14 @@ def methods(
     group = q.shape[2] // k.shape[2]
 
     def head_masks(top_p: float) -> torch.Tensor:
+        """(H, N, N): each query head h with its own labels and kv head h // group."""
         masks = []
         for h in range(q.shape[2]):
             hk = h // group
-            qh, kh, a, c = q[:, :, h : h + 1], k[:, :, hk : hk + 1], qlh[..., h], klh[..., hk]
-            chosen = select_cluster_pairs(qh, kh, a, c, Mc, Mc, top_p=top_p, min_clusters=1, softmax_scale=scale)
-            masks.append(chosen[0][a[0][:, None], c[0][None, :]])
-        return torch.stack(masks)  # (H, N, N)
+            masks.append(token_mask(q[:, :, h : h + 1], k[:, :, hk : hk + 1], qlh[..., h], klh[..., hk], top_p))
+        return torch.stack(masks)
 
-    top_p = _closest(top_ps, lambda p: float(head_masks(p).double().mean()), target)
-    out.append(
-        (
-            f"top-p cluster pairs per head (Mq=Mk={Mc}, p={top_p:.2f})",
-            head_masks(top_p),
-            moga.cluster_attention(q, k, v, qlh, klh, top_p=top_p),
-            "k-means of q and of k per head",
-        )
-    )
+    add_top_p("top-p cluster pairs per head", "k-means of q and of k per head", qlh, klh, head_masks)
     return out
 
 
