@@ -88,7 +88,8 @@ def test_each_layer_routes_once_and_reports_the_former_statistics(name, monkeypa
 
     for module in (moga.router, moga.functional, moga.integrations._core, moga.integrations._block_causal,
                    moga.integrations.diffusers_mmdit):  # fmt: skip
-        monkeypatch.setattr(module, "route_tokens", counted_route_tokens)
+        # raising=False: a module that routes through _core has no route_tokens now, but would be counted if it did
+        monkeypatch.setattr(module, "route_tokens", counted_route_tokens, raising=False)
     record = MoGAProcessorBase._record_routing
 
     def checked_record(self, logits, routing):

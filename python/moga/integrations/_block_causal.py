@@ -21,10 +21,9 @@ from collections.abc import Sequence
 import torch
 
 from moga._checks import softmax_scale_or_default
-from moga.integrations._core import Routing, _branch_mean, _check_routing
+from moga.integrations._core import Routing, _branch_mean, _routing_of
 from moga.layout import RoutedLayout, resegment, segment_of_positions
 from moga.modules import WindowArg
-from moga.router import route_tokens
 from moga.window import Grid, check_grid, normalize_shot_starts, window_layout
 
 
@@ -131,10 +130,7 @@ def block_causal_layer_attention(
     static_build = block_causal_window_layout if cached else block_causal_window_layout.__wrapped__
 
     shots = normalize_shot_starts(shot_starts, T)
-    if routing is None:
-        routing = route_tokens(router_logits, top_k)
-    else:
-        _check_routing(routing, router_logits.shape, top_k)
+    routing = _routing_of(router_logits, top_k, routing)
     return _branch_mean(
         q, k, v, routing, lambda layout: restrict_block_causal(layout, block_of_row, num_blocks), top_k=top_k,
         grid=(T, H, W), window=window, frame_attention=frame_attention, shots=shots, context_frames=context_frames,

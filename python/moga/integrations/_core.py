@@ -220,11 +220,7 @@ def routing_stats(
     Returns: the loss, equal to ``moga.group_balance_loss(logits, top_k, form="paper")`` (the same operations on
     the same probabilities), and the fraction (M,) float32.
     """
-    if routing is None:
-        routing = route_tokens(logits, top_k)
-    else:
-        _check_routing(routing, logits.shape, top_k)
-    probs, groups, _ = routing
+    probs, groups, _ = _routing_of(logits, top_k, routing)
     M = logits.shape[-1]
     n = max(logits.shape[0] * logits.shape[1], 1)
     loss = balance_loss_of_routing(probs, groups, form="paper")
@@ -233,6 +229,15 @@ def routing_stats(
         counts = torch.zeros(M, device=logits.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
         fraction = counts / n
     return loss, fraction
+
+
+def _routing_of(logits: torch.Tensor, top_k: int, routing: Routing | None) -> Routing:
+    """A caller's ``routing`` of ``logits`` (B, n, M), shape-checked (:func:`_check_routing`), or
+    ``route_tokens(logits, top_k)`` when it is None."""
+    if routing is None:
+        return route_tokens(logits, top_k)
+    _check_routing(routing, logits.shape, top_k)
+    return routing
 
 
 def _check_routing(routing: Routing, logits_shape: Sequence[int], top_k: int) -> None:
@@ -482,10 +487,7 @@ def joint_moga_attention(
     joint = dict(batch=B, num_video=Nv, num_text=num_text, video_first=video_first, text_valid=text_valid)
 
     shots = normalize_shot_starts(shot_starts, grid[0]) if static else None
-    if routing is None:
-        routing = route_tokens(router_logits, top_k)
-    else:
-        _check_routing(routing, router_logits.shape, top_k)
+    routing = _routing_of(router_logits, top_k, routing)
     video = _branch_mean(
         q, k, v, routing, lambda layout: with_global_keys(layout, **joint), top_k=top_k, grid=grid,
         window=window, frame_attention=frame_attention, shots=shots, context_frames=context_frames, scale=scale,
