@@ -48,6 +48,11 @@ class CheckResult:
         name, _, inner = self.path.partition("[")
         return f"{name}[{inner.split(',')[0].rstrip(']')}]" if inner else name
 
+    @classmethod
+    def raised(cls, path: str, exc: BaseException) -> CheckResult:
+        """The result of a path (or of the whole check) that raised ``exc`` instead of producing tensors."""
+        return cls(path, "error", math.nan, math.nan, describe_exception(exc))
+
     def why(self) -> str:
         if self.error is not None:
             return f"raised {self.error}"
@@ -69,7 +74,7 @@ def _checked(path: str, run: Callable[[], list[CheckResult]]) -> list[CheckResul
     try:
         return run()
     except Exception as exc:  # any failure of one path is that path's result, not the end of the check
-        return [CheckResult(path, "error", math.nan, math.nan, describe_exception(exc))]
+        return [CheckResult.raised(path, exc)]
 
 
 def failed_methods(results: list[CheckResult]) -> dict[str, str]:

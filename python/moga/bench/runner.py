@@ -363,14 +363,12 @@ def _run_check(
     try:
         check = run_check(device, dtype, args.seed)
     except Exception as exc:  # the shared reference part: nothing of moga can be trusted without it
-        why = describe_exception(exc)
-        check = [CheckResult("check", "error", float("nan"), float("nan"), why)]
-        print(format_check(check))
+        check = [CheckResult.raised("check", exc)]
         moga_methods = {m.name for c in cases for m in selected_methods(c, device, args) if m.kind == "moga"}
-        dropped = {name: f"the check itself raised {why}" for name in moga_methods}
+        dropped = {name: f"the check itself raised {check[0].error}" for name in moga_methods}
     else:
-        print(format_check(check))
         dropped = failed_methods(check)
+    print(format_check(check))
     for name, why in sorted(dropped.items()):
         print(f"FAILED check: {name} ({why}); its timings are dropped, the others are still timed", file=sys.stderr)
     return check, dropped
