@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 import moga
+from moga.bench.check import rel_err
 from moga.cluster import select_cluster_pairs
 from moga.window import window_mask_ref
 
@@ -179,10 +180,6 @@ def recall(probs: torch.Tensor, mask: torch.Tensor) -> float:
 def oracle_recall(probs: torch.Tensor, density: float) -> float:
     n_keep = max(1, round(density * probs.shape[-1]))
     return float(probs.topk(n_keep, dim=-1).values.sum(-1).mean())
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).norm() / ref.norm())
 
 
 def _same(ids: torch.Tensor) -> torch.Tensor:
