@@ -120,6 +120,28 @@ def apply_rotary_interleaved(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin
     return out.type_as(x)
 
 
+def check_grid_and_shots(
+    grid: Sequence[int] | None, shot_starts: Sequence[int] | torch.Tensor | None, num_tokens: int, *, static: bool
+) -> tuple[Grid | None, tuple[int, ...] | None]:
+    """The grid and shot starts of a MoGA layer, checked as :func:`moga_layer_attention` documents them.
+
+    Args: grid (T, H, W) or None, T * H * W must be ``num_tokens``; shot_starts (needs grid); static: whether a
+        static branch is on (it needs grid).
+
+    Returns: the checked grid and the normalised shot starts (:func:`moga.window.normalize_shot_starts`), or
+    (None, None) without a grid.
+    """
+    if static and grid is None:
+        raise ValueError("grid=(T, H, W) is required when window or frame_attention is set")
+    if grid is None:
+        if shot_starts is not None:
+            raise ValueError("shot_starts are frames of the latent grid: pass grid=(T, H, W) with them")
+        return None, None
+    # Checked even when no static branch uses it: a grid that does not describe the sequence is a mistake.
+    grid = check_grid(grid, num_tokens)
+    return grid, normalize_shot_starts(shot_starts, grid[0])
+
+
 def moga_layer_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -160,20 +182,12 @@ def moga_layer_attention(
     static = window is not None or frame_attention
     if valid is not None and sequence_parallel_group is not None:
         raise NotImplementedError("valid (padding) is not supported with sequence_parallel_group")
-    if static and grid is None:
-        raise ValueError("grid=(T, H, W) is required when window or frame_attention is set")
-    if grid is not None:
-        # Checked even when no static branch uses it: a grid that does not describe the sequence is a mistake.
-        num_tokens = q.shape[1]
-        if sequence_parallel_group is not None:
-            import torch.distributed as dist  # optional dependency, only with sequence parallelism
+    num_tokens = q.shape[1]
+    if grid is not None and sequence_parallel_group is not None:
+        import torch.distributed as dist  # optional dependency, only with sequence parallelism
 
-            num_tokens *= dist.get_world_size(sequence_parallel_group)
-        grid = check_grid(grid, num_tokens)
-        if shot_starts is not None:
-            shot_starts = normalize_shot_starts(shot_starts, grid[0])
-    elif shot_starts is not None:
-        raise ValueError("shot_starts are frames of the latent grid: pass grid=(T, H, W) with them")
+        num_tokens *= dist.get_world_size(sequence_parallel_group)
+    grid, shot_starts = check_grid_and_shots(grid, shot_starts, num_tokens, static=static)
     if sequence_parallel_group is not None:
         # Imported lazily: torch.distributed is optional.
         from moga.distributed import gather_sequence, heads_to_sequence, qkv_to_heads, ulysses_moga_attention

@@ -37,7 +37,7 @@ from moga.layout import (
     segment_of_positions,
     sort_by_segment,
 )
-from moga.modules import ROUTER_KINDS, WindowArg, resolve_window
+from moga.modules import ROUTER_KINDS, WindowArg, check_grid_and_shots, resolve_window
 from moga.router import balance_loss_of_routing, route_tokens
 from moga.window import check_context_frames, check_grid, normalize_shot_starts, window_layout
 
@@ -275,14 +275,7 @@ def routed_layer_attention(
     """
     B, N, _, _, D = check_qkv(q, k, v)
     _check_routing(routing, (B, N, routing[0].shape[-1]), top_k)
-    if (window is not None or frame_attention) and grid is None:
-        raise ValueError("grid=(T, H, W) is required when window or frame_attention is set")
-    shots = None
-    if grid is not None:
-        grid = check_grid(grid, N)
-        shots = normalize_shot_starts(shot_starts, grid[0])
-    elif shot_starts is not None:
-        raise ValueError("shot_starts are frames of the latent grid: pass grid=(T, H, W) with them")
+    grid, shots = check_grid_and_shots(grid, shot_starts, N, static=window is not None or frame_attention)
     return _branch_mean(
         q, k, v, routing, lambda layout: layout, top_k=top_k, grid=grid, window=window,
         frame_attention=frame_attention, shots=shots, context_frames=check_context_frames(context_frames),
