@@ -32,7 +32,7 @@ import torch
 from moga._checks import check_qkv, softmax_scale_or_default
 from moga.functional import _run_segments
 from moga.kmeans import _CHUNK_ELEMENTS, _onehot_sums
-from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, sort_by_segment
+from moga.layout import RoutedLayout, SegmentLayout, inverse_permutation, row_group_keys, sort_by_segment
 
 
 def _check_labels(name: str, labels: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
@@ -132,11 +132,8 @@ def cluster_layout(q_labels: torch.Tensor, k_labels: torch.Tensor, chosen: torch
     B, N = q_labels.shape
     Mq, Mk = chosen.shape[1], chosen.shape[2]
     dev = q_labels.device
-    batch = torch.arange(B, device=dev).view(B, 1)
-    q_keys = torch.where(q_labels < 0, -1, q_labels + batch * Mq).reshape(-1)
-    k_keys = torch.where(k_labels < 0, -1, k_labels + batch * Mk).reshape(-1)
-    q_order, q_offsets = sort_by_segment(q_keys, B * Mq)
-    k_order, k_cluster_offsets = sort_by_segment(k_keys, B * Mk)
+    q_order, q_offsets = sort_by_segment(row_group_keys(q_labels, Mq), B * Mq)
+    k_order, k_cluster_offsets = sort_by_segment(row_group_keys(k_labels, Mk), B * Mk)
     k_size = (k_cluster_offsets[1:] - k_cluster_offsets[:-1]).view(B, 1, Mk)
     pair_len = (chosen * k_size).reshape(-1)  # (B * Mq * Mk,) keys of each (b, a, c) pair
     k_offsets = torch.zeros(B * Mq + 1, dtype=torch.int64, device=dev)

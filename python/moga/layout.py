@@ -151,6 +151,15 @@ def resegment(
     return RoutedLayout(segments=segments, position=inverse_permutation(q_order)[layout.position], top_k=layout.top_k)
 
 
+def row_group_keys(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The segment of every entry when segments are (batch row, group) pairs: groups (B, ...) int64 in
+    ``[0, num_groups)`` or negative -> (groups.numel(),) int64 keys ``b * num_groups + g``, -1 for negative g (the
+    input of :func:`sort_by_segment` with ``B * num_groups`` segments)."""
+    shape = (groups.shape[0],) + (1,) * (groups.dim() - 1)
+    batch = torch.arange(groups.shape[0], device=groups.device, dtype=torch.int64).view(shape)
+    return torch.where(groups < 0, torch.full_like(groups, -1), groups + batch * num_groups).reshape(-1)
+
+
 def routed_layout(groups: torch.Tensor, num_groups: int) -> RoutedLayout:
     """Build the layout for tokens assigned to groups.
 
@@ -163,9 +172,7 @@ def routed_layout(groups: torch.Tensor, num_groups: int) -> RoutedLayout:
     and as keys (``q_unique``/``k_unique`` iff K == 1), and ``position`` (B * N * K,) int64.
     """
     B, N, K = groups.shape
-    batch = torch.arange(B, device=groups.device, dtype=torch.int64).view(B, 1, 1)
-    keys = torch.where(groups < 0, torch.full_like(groups, -1), groups + batch * num_groups).reshape(-1)
-    order, offsets = sort_by_segment(keys, B * num_groups)
+    order, offsets = sort_by_segment(row_group_keys(groups, num_groups), B * num_groups)
     token_of_position = torch.div(order, K, rounding_mode="floor")
     unique = K == 1
     seg = SegmentLayout(
