@@ -3,7 +3,7 @@
 Same contract and program structure as :mod:`.fwd` (persistent LPT grid, descriptors clipped at the segment's
 ends, one warp-specialised loop per work item):
 
-* preprocess: delta[h, p] = sum_d dout[p, h, d] * out[p, h, d] (fp32);
+* preprocess: delta[h, p] = sum_d dout[p, h, d] * out[p, h, d] (fp32), by the segment package's kernel;
 * dq: work item (query tile, query head) loops over the segment's key tiles: p = 2^(s - lse2) recomputed,
   dp = dout v^T, ds = p (dp - delta), dq += ds k;
 * dk/dv: work item (key tile, kv head) loops over the segment's query tiles of each query head sharing the kv head,
@@ -34,31 +34,9 @@ from moga.kernels.contiguous_attention.launch import (
     use_upcast,
 )
 from moga.kernels.contiguous_attention.tiles import lpt_tile_table
+from moga.kernels.segment_attention.bwd import segment_attn_bwd_preprocess_kernel
+from moga.kernels.segment_attention.configs import config as segment_config
 from moga.kernels.segment_attention.tl_helpers import load_tile, mma
-
-
-def preprocess_block(head_dim: int) -> int:
-    """Rows per program of the delta preprocess: 4096 elements of each operand (64 per thread at 4 warps; 128-row
-    blocks at D=128 spill under Triton 3.6)."""
-    return max(16, 4096 // head_dim)
-
-
-@triton.jit
-def contiguous_attn_bwd_preprocess_kernel(
-    Out, DOut, Delta, num_rows, stride_lh,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    i_m = tl.program_id(0)
-    i_h = tl.program_id(1).to(tl.int64)
-    offs_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    mask_m = offs_m < num_rows
-    p_x = offs_m[:, None] * (HQ * D) + i_h * D + offs_d[None, :]
-    # [BM, D]
-    b_o = tl.load(Out + p_x, mask=mask_m[:, None], other=0.0).to(tl.float32)
-    # [BM, D]
-    b_do = tl.load(DOut + p_x, mask=mask_m[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + i_h * stride_lh + offs_m, tl.sum(b_o * b_do, 1), mask=mask_m)
 
 
 @triton.jit
@@ -226,10 +204,12 @@ def contiguous_attention_bwd(
     dv = _alloc.empty(Lk, Hkv, D, dtype=v.dtype, device=device)
     with device_guard(device):
         if Lq > 0:
-            block = preprocess_block(D)
-            contiguous_attn_bwd_preprocess_kernel[(triton.cdiv(Lq, block), Hq)](
-                out, dout, delta, Lq, delta.stride(0), HQ=Hq, D=D, BLOCK_M=block, num_warps=4
-            )
+            # The segment package's delta kernel (any row strides), launched with its configuration.
+            pre = segment_config("preprocess", D, q.dtype, device)
+            segment_attn_bwd_preprocess_kernel[(triton.cdiv(Lq, pre.block_m), Hq)](
+                out, dout, delta, Lq, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+                D=D, BLOCK_M=pre.block_m, num_warps=pre.num_warps, num_stages=pre.num_stages,
+            )  # fmt: skip
             cfg = config("dq", D)
             tiles, num_tiles = lpt_tile_table(q_offsets, k_offsets, Lq, cfg.block_m, include_tail=True)
             contiguous_attn_bwd_dq_kernel[(num_programs(device, tiles.shape[0] * Hq),)](

@@ -9,8 +9,6 @@ from moga.kernels.compile_spec import CompileSpec
 from moga.kernels.contiguous_attention.bwd import (
     contiguous_attn_bwd_dkdv_kernel,
     contiguous_attn_bwd_dq_kernel,
-    contiguous_attn_bwd_preprocess_kernel,
-    preprocess_block,
 )
 from moga.kernels.contiguous_attention.configs import DTYPES, HEAD_DIMS, HOPPER, ContiguousConfig
 from moga.kernels.contiguous_attention.fwd import contiguous_attn_fwd_kernel
@@ -63,21 +61,13 @@ def grad_spec(kernel: str, D: int, dtype: torch.dtype, cfg: ContiguousConfig, gr
     return _spec(name, t, D, cfg, fn, signature, constexprs)
 
 
-def preprocess_spec(D: int, dtype: torch.dtype) -> CompileSpec:
-    t = _TRITON_DTYPE[dtype]
-    signature = {"Out": f"*{t}", "DOut": f"*{t}", "Delta": "*fp32", "num_rows": "i64", "stride_lh": "i64"}
-    cfg = ContiguousConfig(preprocess_block(D), 0, 4, 1, False)
-    constexprs = dict(HQ=_HQ, D=D, BLOCK_M=cfg.block_m)
-    return _spec("contiguous_attn_bwd_preprocess", t, D, cfg, contiguous_attn_bwd_preprocess_kernel, signature, constexprs)
-
-
 def compile_specs() -> list[CompileSpec]:
-    """Forward, delta preprocess, dq and dk/dv (MHA and GQA) for every head dim and 16-bit dtype of the table."""
+    """Forward, dq and dk/dv (MHA and GQA) for every head dim and 16-bit dtype of the table (the delta preprocess
+    is the segment package's kernel, checked with its specs)."""
     specs = []
     for D in HEAD_DIMS:
         for dtype in DTYPES:
             specs.append(fwd_spec(D, dtype, HOPPER[("fwd", D)]))
-            specs.append(preprocess_spec(D, dtype))
             specs.append(grad_spec("dq", D, dtype, HOPPER[("dq", D)]))
             specs += [grad_spec("dkdv", D, dtype, HOPPER[("dkdv", D)], group) for group in (_GROUP, 2)]
     return specs
