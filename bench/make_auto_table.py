@@ -58,14 +58,22 @@ ABOUT = (
 )
 
 
+def parse_capability(text: str) -> tuple[int, int] | None:
+    """``"9.0"`` -> (9, 0); None when ``text`` is not ``<major>.<minor>``."""
+    if not re.fullmatch(r"\d+\.\d+", text):
+        return None
+    major, minor = text.split(".")
+    return int(major), int(minor)
+
+
 def capability_of(env: dict, override: tuple[int, int] | None) -> tuple[int, int] | None:
     """The result file's compute capability: recorded, else from the device name, else ``override``."""
     cap = env.get("compute_capability")
     if isinstance(cap, (list, tuple)) and len(cap) == 2:
         return int(cap[0]), int(cap[1])
-    if isinstance(cap, str) and re.fullmatch(r"\d+\.\d+", cap):
-        major, minor = cap.split(".")
-        return int(major), int(minor)
+    parsed = parse_capability(cap) if isinstance(cap, str) else None
+    if parsed is not None:
+        return parsed
     name = str(env.get("device", ""))
     for fragment in sorted(NAME_CAPABILITY, key=len, reverse=True):
         if fragment in name:
@@ -140,12 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=TABLE_PATH)
     p.add_argument("--capability", help="compute capability (e.g. 9.0) for files that do not record one")
     args = p.parse_args(argv)
-    override = None
-    if args.capability:
-        if not re.fullmatch(r"\d+\.\d+", args.capability):
-            p.error(f"--capability must look like 9.0, got {args.capability!r}")
-        major, minor = args.capability.split(".")
-        override = (int(major), int(minor))
+    override = parse_capability(args.capability) if args.capability else None
+    if args.capability and override is None:
+        p.error(f"--capability must look like 9.0, got {args.capability!r}")
     paths = sorted(glob.glob(os.path.join(args.results, "**", "*.json"), recursive=True))
     doc, skipped = build_table(paths, override)
     for msg in skipped:
