@@ -105,12 +105,11 @@ def make_figure(rows: list[Any], env: dict):
         )
         for ax, ylabel in labels:
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")  # figures span decades across methods and N
             ax.set_xlabel("N (tokens)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"M={m}, {dist} group sizes", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
-        for ax in (ax_t, ax_f, ax_s):  # figures span decades across methods and N
-            ax.set_yscale("log")
     used = list(dict.fromkeys(r.method for r in ok))
     handles = [Line2D([], [], color=colors[name], linewidth=2.5, label=name) for name in used]
     modes = list(dict.fromkeys(r.mode for r in ok))
