@@ -412,12 +412,14 @@ def _branch_mean(
         windows.append((resolve_window(window, grid), check_context_frames(context_frames)))
     if frame_attention:
         windows.append(((1, grid[1], grid[2]), 0))
-    build = window_layout.__wrapped__ if torch.compiler.is_compiling() else window_layout
+    if static_layout is None:
+        build = window_layout.__wrapped__ if torch.compiler.is_compiling() else window_layout
+
+        def static_layout(*args) -> RoutedLayout:
+            return adapt(build(*args))
+
     for win, ctx in windows:
-        if static_layout is not None:
-            layout = static_layout(grid, win, shots, ctx, q.device, B)
-        else:
-            layout = adapt(build(grid, win, shots, ctx, q.device, B))
+        layout = static_layout(grid, win, shots, ctx, q.device, B)
         branches.append(_segment_outputs(q, k, v, layout, scale, backend)[layout.position])
     if len(branches) == 1:  # the routed branch alone, as moga_attention returns it (a float32 mean of one branch
         return branches[0].to(q.dtype).view(B, n, q.shape[2], q.shape[3])  # would hold up to 4 more copies of it)
